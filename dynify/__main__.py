@@ -1,0 +1,5 @@
+import sys
+
+from dynify.cli import main
+
+sys.exit(main())

@@ -1,0 +1,15 @@
+"""Dynamic convolution layers."""
+
+from dynify.layers._functional import choose_strategy, dynamic_conv2d, mix_kernels
+from dynify.layers.attention import ATTENTION_KINDS, KernelAttention
+from dynify.layers.dynamic_conv import PADDING_MODES, DynamicConv2d
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "PADDING_MODES",
+    "DynamicConv2d",
+    "KernelAttention",
+    "choose_strategy",
+    "dynamic_conv2d",
+    "mix_kernels",
+]

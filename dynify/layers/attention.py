@@ -1,0 +1,85 @@
+"""Kernel attention: the per-sample routing weights that mix a dynamic layer's experts.
+
+DY-CNN (Chen et al., CVPR 2020) uses a squeeze-and-excitation block whose last activation
+is a softmax over the K experts, sharpened by a temperature; CondConv (Yang et al., 2019)
+routes with an independent sigmoid per expert. Both are this module with a different
+``kind``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ATTENTION_KINDS", "AttentionKind", "KernelAttention", "attention_hidden_width"]
+
+AttentionKind = Literal["softmax", "sigmoid"]
+ATTENTION_KINDS: tuple[str, ...] = ("softmax", "sigmoid")
+
+# Narrow layers (the RGB stem, a depthwise conv on 16 channels) would otherwise get a hidden
+# width of C // r = 0 or 1, which cannot carry K independent logits.
+MIN_HIDDEN = 4
+
+
+def attention_hidden_width(in_channels: int, reduction: int) -> int:
+    """Width of the attention's hidden layer: ``max(in_channels // reduction, 4)``."""
+    return max(in_channels // reduction, MIN_HIDDEN)
+
+
+class KernelAttention(nn.Module):
+    """Global average pool, Linear, ReLU, Linear, then softmax(z / T) or sigmoid(z / T).
+
+    Shapes: input ``(B, C, H, W)`` in any memory layout; output ``(B, K)``.
+
+    The temperature ``T`` is a buffer, so it is saved in the ``state_dict``; it is changed
+    only by the caller (``module.temperature = 5.0``) or by a
+    :class:`dynify.TemperatureScheduler`, never inside ``forward``, so evaluation is
+    deterministic.
+    """
+
+    temperature: torch.Tensor
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_experts: int,
+        *,
+        reduction: int = 4,
+        kind: AttentionKind = "softmax",
+        temperature: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
+        if float(temperature) <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        factory = {"device": device, "dtype": dtype}
+        self.kind = kind
+        self.num_experts = num_experts
+        hidden = attention_hidden_width(in_channels, reduction)
+        self.fc1 = nn.Linear(in_channels, hidden, **factory)
+        self.fc2 = nn.Linear(hidden, num_experts, **factory)
+        self.register_buffer("temperature", torch.tensor(float(temperature), **factory))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activation scores ``z`` of shape ``(B, K)``."""
+        pooled = x.mean(dim=(2, 3))
+        return self.fc2(F.relu(self.fc1(pooled)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.logits(x) / self.temperature
+        if self.kind == "softmax":
+            return torch.softmax(z, dim=1)
+        return torch.sigmoid(z)
+
+    def value_at_zero(self) -> float:
+        """Each expert's weight when all logits are zero (the state ``from_conv`` starts in)."""
+        return 1.0 / self.num_experts if self.kind == "softmax" else 0.5
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, temperature={float(self.temperature):g}"

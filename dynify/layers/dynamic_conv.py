@@ -1,0 +1,318 @@
+"""DynamicConv2d: K expert kernels mixed per sample by an attention, then one convolution.
+
+Chen et al., "Dynamic Convolution: Attention over Convolution Kernels", CVPR 2020 (DY-CNN),
+with CondConv's sigmoid routing (Yang et al., 2019) as an option.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
+
+from dynify.layers._functional import DEFAULT_MAX_KERNEL_BYTES, dynamic_conv2d
+from dynify.layers.attention import ATTENTION_KINDS, AttentionKind, KernelAttention
+
+__all__ = ["PADDING_MODES", "DynamicConv2d"]
+
+PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
+
+# fx sees the dispatching function as one opaque call, so tracing never branches on a Proxy.
+torch.fx.wrap("dynamic_conv2d")
+
+_IntOrPair = int | tuple[int, int]
+
+
+class DynamicConv2d(nn.Module):
+    """A drop-in for ``nn.Conv2d`` whose kernel is a per-sample mixture of ``num_experts``.
+
+    ``W(x) = sum_k pi_k(x) W_k`` and ``b(x) = sum_k pi_k(x) b_k``, where ``pi(x)`` comes from a
+    :class:`~dynify.layers.KernelAttention` (global average pool, Linear, ReLU, Linear,
+    softmax(z / T) or sigmoid(z / T)); then ``y = conv2d(x, W(x), b(x))``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+        padding_mode, device, dtype: exactly as for ``nn.Conv2d`` (padding may be an int, a
+            pair, ``"same"`` or ``"valid"``).
+        num_experts: K, the number of expert kernels (>= 1).
+        reduction: r; the attention's hidden width is ``max(in_channels // r, 4)``.
+        attention: ``"softmax"`` (DY-CNN) or ``"sigmoid"`` (CondConv).
+        temperature: initial softmax temperature T (a buffer; see ``temperature``).
+        max_kernel_bytes: at most this many bytes of mixed kernels exist at once in eager
+            mode (the batch is processed in chunks), which bounds the layer's extra memory.
+
+    Shapes: input ``(B, C_in, H, W)``, output ``(B, C_out, H_out, W_out)`` as for
+    ``nn.Conv2d``; channels_last input gives channels_last output.
+
+    Parameters: ``weight`` ``(K, C_out, C_in // groups, kh, kw)``, ``bias`` ``(K, C_out)``,
+    and the attention's ``attention.fc1`` / ``attention.fc2``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntOrPair,
+        stride: _IntOrPair = 1,
+        padding: _IntOrPair | str = 0,
+        dilation: _IntOrPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        num_experts: int = 4,
+        reduction: int = 4,
+        attention: AttentionKind = "softmax",
+        temperature: float = 1.0,
+        max_kernel_bytes: int = DEFAULT_MAX_KERNEL_BYTES,
+    ) -> None:
+        super().__init__()
+        _check_positive("in_channels", in_channels)
+        _check_positive("out_channels", out_channels)
+        _check_positive("groups", groups)
+        _check_positive("num_experts", num_experts)
+        _check_positive("reduction", reduction)
+        if in_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+        if out_channels % groups:
+            raise ValueError(
+                f"out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.dilation = _pair(dilation)
+        for name in ("kernel_size", "stride", "dilation"):
+            for v in getattr(self, name):
+                _check_positive(name, v)
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.num_experts = num_experts
+        self.reduction = reduction
+        self.max_kernel_bytes = int(max_kernel_bytes)
+        self.padding = self._parse_padding(padding)
+        # Explicit (left, right, top, bottom) padding applied with F.pad before the
+        # convolution: for non-zero modes, and for "same" when the total is odd.
+        self._pre_pad = self._pre_padding()
+
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(
+                num_experts, out_channels, in_channels // groups, *self.kernel_size, **factory
+            )
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
+        )
+        self.attention = KernelAttention(
+            in_channels,
+            num_experts,
+            reduction=reduction,
+            kind=attention,
+            temperature=temperature,
+            **factory,
+        )
+        self.reset_parameters()
+
+    # -- construction -----------------------------------------------------------------
+
+    def _parse_padding(self, padding: _IntOrPair | str) -> tuple[int, int] | str:
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(
+                    f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}"
+                )
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            return padding if padding == "same" else (0, 0)
+        pad = _pair(padding)
+        if any(p < 0 for p in pad):
+            raise ValueError(f"padding must be >= 0, got {padding}")
+        return pad
+
+    def _pre_padding(self) -> tuple[int, ...] | None:
+        if self.padding == "same":
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size, strict=True)]
+            lr = []
+            for total in reversed(totals):  # F.pad wants the last dimension first
+                lr += [total // 2, total - total // 2]
+            symmetric = all(t % 2 == 0 for t in totals)
+            if symmetric and self.padding_mode == "zeros":
+                return None
+            return tuple(lr)
+        if self.padding_mode == "zeros":
+            return None
+        return tuple(_reverse_repeat_tuple(self.padding, 2))
+
+    def _conv_padding(self) -> tuple[int, int]:
+        if self._pre_pad is not None:
+            return (0, 0)
+        if self.padding == "same":
+            return tuple(
+                d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size, strict=True)
+            )  # type: ignore[return-value]
+        return self.padding  # type: ignore[return-value]
+
+    def reset_parameters(self) -> None:
+        """Initialise every expert as ``nn.Conv2d`` initialises its kernel."""
+        for k in range(self.num_experts):
+            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel() // self.out_channels
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        num_experts: int = 4,
+        reduction: int = 4,
+        attention: AttentionKind = "softmax",
+        temperature: float = 1.0,
+        noise: float = 0.01,
+        weight: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        max_kernel_bytes: int = DEFAULT_MAX_KERNEL_BYTES,
+    ) -> DynamicConv2d:
+        """Build a dynamic layer that computes exactly what ``conv`` computes, at creation.
+
+        Every expert starts as ``conv``'s kernel plus a perturbation whose sum over the
+        experts is zero, and the attention's last layer starts at zero, so the attention is
+        uniform and the mixed kernel equals the original one, while the experts already
+        differ (the attention gets a gradient from the first step). In sigmoid mode each
+        expert weighs 0.5 at start, so the experts are scaled by ``2 / K``.
+
+        Args:
+            conv: the source convolution (an ``nn.Conv2d``; subclasses are read through
+                their ``weight`` and padding attributes).
+            noise: perturbation size relative to the kernel's standard deviation;
+                ``0`` makes identical copies.
+            weight: the effective kernel to start from when it differs from
+                ``conv.weight`` (e.g. a weight-standardised conv's standardised kernel).
+            generator: random generator for the perturbation (reproducible conversions).
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        if weight is None and type(conv).forward is not nn.Conv2d.forward:
+            raise TypeError(
+                f"{type(conv).__name__} overrides Conv2d.forward, so its kernel or padding is not "
+                "what conv.weight says; pass the effective weight= (or use dynify.apply, which "
+                "handles timm's conv variants)"
+            )
+        if noise < 0:
+            raise ValueError(f"noise must be >= 0, got {noise}")
+        source = conv.weight if weight is None else weight
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=source.device,
+            dtype=source.dtype,
+            num_experts=num_experts,
+            reduction=reduction,
+            attention=attention,
+            temperature=temperature,
+            max_kernel_bytes=max_kernel_bytes,
+        )
+        scale = 1.0 / (num_experts * layer.attention.value_at_zero())
+        with torch.no_grad():
+            kernel = source.detach()
+            layer.weight.copy_(
+                scale
+                * (kernel.unsqueeze(0) + _zero_sum_noise(kernel, num_experts, noise, generator))
+            )
+            if conv.bias is not None:
+                assert layer.bias is not None
+                layer.bias.copy_(scale * conv.bias.detach().unsqueeze(0).expand_as(layer.bias))
+            nn.init.zeros_(layer.attention.fc2.weight)
+            nn.init.zeros_(layer.attention.fc2.bias)
+        layer.train(conv.training)
+        return layer
+
+    # -- temperature ------------------------------------------------------------------
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature T (the buffer ``attention.temperature``)."""
+        return float(self.attention.temperature)
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if float(value) <= 0:
+            raise ValueError(f"temperature must be > 0, got {value}")
+        self.attention.temperature.fill_(float(value))
+
+    # -- forward ----------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.attention(x)
+        if self._pre_pad is not None:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._pre_pad, mode=mode)
+        return dynamic_conv2d(
+            x,
+            routing,
+            self.weight,
+            self.bias,
+            self.stride,
+            self._conv_padding(),
+            self.dilation,
+            self.groups,
+            self.max_kernel_bytes,
+        )
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", num_experts={self.num_experts}, reduction={self.reduction}"
+
+
+def _zero_sum_noise(
+    kernel: torch.Tensor, num_experts: int, noise: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``(K, *kernel.shape)`` Gaussian noise of relative size ``noise`` summing to zero over K."""
+    shape = (num_experts, *kernel.shape)
+    if noise == 0 or num_experts == 1:
+        return kernel.new_zeros(shape)
+    std = kernel.float().std() if kernel.numel() > 1 else kernel.float().abs().mean()
+    device = generator.device if generator is not None else kernel.device
+    eps = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    eps = eps.to(kernel.device)
+    eps = eps - eps.mean(dim=0, keepdim=True)
+    return (eps * (noise * std)).to(kernel.dtype)
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
