@@ -1,0 +1,415 @@
+"""Conversion recipes: which convs become dynamic, and with which settings.
+
+A recipe is YAML (or the same structure as a dict)::
+
+    defaults:                 # settings every conv starts from
+      experts: 4              # K
+      reduction: 4            # r: attention hidden width = max(C_in // r, 4)
+      attention: softmax      # softmax (DY-CNN) | sigmoid (CondConv)
+      noise: 0.01             # expert perturbation at conversion (relative to kernel std)
+      temperature: {start: 30, end: 1, length: 10, shape: linear, unit: epoch}
+    rules:                    # applied in order
+      - name: keep the stem static
+        select: {stem: true}
+        convert: false
+      - select: {kernel_size: 1, last_in_block: true}
+        experts: 8
+    strict: false             # true: a rule that matches no conv is an error
+
+Priority: every conv starts from ``defaults``; then each rule whose ``select`` matches it is
+applied in file order, and a rule overrides only the fields it sets, so for each field the
+last matching rule wins (``convert`` included). This is torch.ao's ordered-selector idea
+with position in the file as the priority: put general rules first and specific ones (a
+single layer by name) last.
+
+Selectors (all given conditions must hold; an empty ``select`` matches every conv):
+``name`` (glob or list of globs on the module path), ``regex`` (full match on the module
+path), ``type`` (conv class: Conv2d, Conv2dSame, StdConv2d, ...), ``kernel_size``,
+``stride``, ``dilation``, ``groups`` (a value or a list), ``depthwise`` (bool),
+``in_channels`` / ``out_channels`` (a value, or ``{min, max}``), ``stem`` (bool),
+``stage`` (timm ``feature_info`` level or list; negative counts from the last), ``block``
+(glob on the enclosing block's path), ``first_in_block`` / ``last_in_block`` (bool),
+``classifier`` (bool).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dynify._resources import bundled_names, find_bundled
+from dynify._yaml import Doc, load_yaml_file
+from dynify.errors import DynifyError, did_you_mean
+from dynify.layers.attention import ATTENTION_KINDS
+from dynify.schedule import SCHEDULE_SHAPES, SCHEDULE_UNITS, TemperatureSchedule
+from dynify.trace import ConvSite
+
+__all__ = [
+    "CONV_TYPES",
+    "DEFAULT_RECIPE",
+    "LayerSettings",
+    "Recipe",
+    "Rule",
+    "Selector",
+    "load_recipe",
+]
+
+DEFAULT_RECIPE = "dycnn"
+
+# Conv classes a ``type`` selector can name (what the trace reports as ``type_name``).
+CONV_TYPES: tuple[str, ...] = (
+    "Conv2d",
+    "Conv2dSame",
+    "Conv2dSameExport",
+    "StdConv2d",
+    "StdConv2dSame",
+    "ScaledStdConv2d",
+    "ScaledStdConv2dSame",
+    "CondConv2d",
+)
+
+SETTING_KEYS = ("convert", "experts", "reduction", "attention", "noise", "temperature")
+TEMPERATURE_KEYS = ("start", "end", "length", "shape", "unit")
+SELECTOR_KEYS = (
+    "name",
+    "regex",
+    "type",
+    "kernel_size",
+    "stride",
+    "dilation",
+    "groups",
+    "depthwise",
+    "in_channels",
+    "out_channels",
+    "stem",
+    "stage",
+    "block",
+    "first_in_block",
+    "last_in_block",
+    "classifier",
+)
+RULE_KEYS = ("name", "select", *SETTING_KEYS)
+TOP_KEYS = ("version", "description", "defaults", "rules", "strict")
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """The settings one conv is converted with (or ``convert=False``)."""
+
+    convert: bool = True
+    experts: int = 4
+    reduction: int = 4
+    attention: str = "softmax"
+    noise: float = 0.01
+    temperature: TemperatureSchedule = field(default_factory=TemperatureSchedule)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["temperature"] = self.temperature.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerSettings:
+        data = dict(data)
+        if isinstance(data.get("temperature"), dict):
+            data["temperature"] = TemperatureSchedule.from_dict(data["temperature"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Conditions on a :class:`~dynify.trace.ConvSite`; ``None`` means "any"."""
+
+    name: tuple[str, ...] | None = None
+    regex: str | None = None
+    type: tuple[str, ...] | None = None
+    kernel_size: tuple[int, ...] | None = None
+    stride: tuple[int, ...] | None = None
+    dilation: tuple[int, ...] | None = None
+    groups: tuple[int, ...] | None = None
+    depthwise: bool | None = None
+    in_channels: tuple[int, int] | None = None
+    out_channels: tuple[int, int] | None = None
+    stem: bool | None = None
+    stage: tuple[int, ...] | None = None
+    block: tuple[str, ...] | None = None
+    first_in_block: bool | None = None
+    last_in_block: bool | None = None
+    classifier: bool | None = None
+
+    def matches(self, site: ConvSite, num_stages: int = 0) -> bool:
+        if self.name is not None and not any(fnmatch.fnmatchcase(site.name, g) for g in self.name):
+            return False
+        if self.regex is not None and re.fullmatch(self.regex, site.name) is None:
+            return False
+        if self.type is not None and site.type_name not in self.type:
+            return False
+        for key in ("kernel_size", "stride", "dilation"):
+            wanted = getattr(self, key)
+            value = getattr(site, key)
+            if wanted is not None and not (value[0] == value[1] and value[0] in wanted):
+                return False
+        if self.groups is not None and site.groups not in self.groups:
+            return False
+        for key in ("depthwise", "stem", "first_in_block", "last_in_block", "classifier"):
+            wanted = getattr(self, key)
+            if wanted is not None and bool(getattr(site, key)) != wanted:
+                return False
+        for key in ("in_channels", "out_channels"):
+            bounds = getattr(self, key)
+            if bounds is not None and not bounds[0] <= getattr(site, key) <= bounds[1]:
+                return False
+        if self.stage is not None:
+            if site.stage is None:
+                return False
+            wanted = {s if s >= 0 else num_stages + s for s in self.stage}
+            if site.stage not in wanted:
+                return False
+        if self.block is not None and (
+            site.block is None or not any(fnmatch.fnmatchcase(site.block, g) for g in self.block)
+        ):
+            return False
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name in ("in_channels", "out_channels"):
+                out[f.name] = {"min": value[0], "max": value[1]}
+            elif isinstance(value, tuple):
+                out[f.name] = value[0] if len(value) == 1 else list(value)
+            else:
+                out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Select convs, then set (some) settings for them."""
+
+    select: Selector = field(default_factory=Selector)
+    settings: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    line: int | None = None
+
+    def describe(self, index: int) -> str:
+        label = f"rule {index + 1}"
+        if self.name:
+            label += f" ({self.name})"
+        return label
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.name:
+            out["name"] = self.name
+        sel = self.select.to_dict()
+        if sel:
+            out["select"] = sel
+        for key, value in self.settings.items():
+            out[key] = value.to_dict() if isinstance(value, TemperatureSchedule) else value
+        return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults plus ordered rules; see the module documentation for the format."""
+
+    defaults: LayerSettings = field(default_factory=LayerSettings)
+    rules: tuple[Rule, ...] = ()
+    strict: bool = False
+    description: str | None = None
+    source: str | None = None
+
+    @property
+    def label(self) -> str:
+        """A short name for messages: the file stem, or ``"inline"``."""
+        return Path(self.source).stem if self.source else "inline"
+
+    def settings_for(self, site: ConvSite, num_stages: int = 0) -> tuple[LayerSettings, list[int]]:
+        """Resolve one conv: its settings and the indices of the rules that matched it."""
+        settings = self.defaults
+        matched = []
+        for i, rule in enumerate(self.rules):
+            if rule.select.matches(site, num_stages):
+                settings = replace(settings, **rule.settings)
+                matched.append(i)
+        return settings, matched
+
+    # -- (de)serialisation ------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<recipe>") -> Recipe:
+        return _parse(Doc(data, source, {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": 1}
+        if self.description:
+            out["description"] = self.description
+        out["defaults"] = self.defaults.to_dict()
+        out["rules"] = [r.to_dict() for r in self.rules]
+        if self.strict:
+            out["strict"] = True
+        return out
+
+    def to_yaml(self, header: str | None = None) -> str:
+        body = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        if not header:
+            return body
+        comment = "".join(f"# {line}\n".replace("# \n", "#\n") for line in header.splitlines())
+        return comment + body
+
+
+def load_recipe(recipe: Recipe | dict[str, Any] | str | os.PathLike[str] | None) -> Recipe:
+    """A Recipe from a Recipe, a dict, a YAML path, or a bundled recipe's name.
+
+    ``None`` gives the bundled ``dycnn`` recipe (the DY-CNN paper's setting).
+    """
+    if recipe is None:
+        recipe = DEFAULT_RECIPE
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if not isinstance(recipe, str | os.PathLike):
+        raise DynifyError(
+            f"recipe must be a path, a bundled recipe's name, a dict or a Recipe, "
+            f"got {type(recipe).__name__}"
+        )
+    path = Path(recipe)
+    if not path.exists():
+        bundled = find_bundled("recipes", str(recipe))
+        if bundled is None:
+            names = bundled_names("recipes")
+            raise DynifyError(
+                f"recipe {str(recipe)!r} is neither a file nor a bundled recipe"
+                f"{did_you_mean(path.stem, names)}; bundled recipes: {', '.join(names)}"
+            )
+        path = bundled
+    return _parse(load_yaml_file(path))
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def _parse(doc: Doc) -> Recipe:
+    data = doc.data
+    if data is None:
+        raise doc.error("", "the recipe is empty; expected a mapping with 'defaults' and 'rules'")
+    top = doc.mapping(data, "", TOP_KEYS)
+    if "version" in top and top["version"] != 1:
+        raise doc.error("version", f"unsupported recipe version {top['version']!r}; accepted: 1")
+    defaults = LayerSettings(**_settings(doc, top.get("defaults"), "defaults", SETTING_KEYS))
+    raw_rules = top.get("rules") or []
+    if not isinstance(raw_rules, list):
+        raise doc.error("rules", f"expected a list of rules, got {raw_rules!r}")
+    rules = []
+    for i, raw in enumerate(raw_rules):
+        path = f"rules[{i}]"
+        entry = doc.mapping(raw, path, RULE_KEYS)
+        settings = _settings(
+            doc, {k: v for k, v in entry.items() if k in SETTING_KEYS}, path, SETTING_KEYS
+        )
+        if not settings:
+            raise doc.error(path, f"a rule must set at least one of: {', '.join(SETTING_KEYS)}")
+        name = doc.string(entry["name"], f"{path}.name") if "name" in entry else None
+        rules.append(
+            Rule(
+                select=_selector(doc, entry.get("select"), f"{path}.select"),
+                settings=settings,
+                name=name,
+                line=doc.lines.get(path),
+            )
+        )
+    strict = doc.boolean(top["strict"], "strict") if "strict" in top else False
+    description = doc.string(top["description"], "description") if "description" in top else None
+    source = None if doc.source.startswith("<") else doc.source
+    return Recipe(defaults, tuple(rules), strict, description, source)
+
+
+def _settings(doc: Doc, raw: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    entry = doc.mapping(raw, path, keys)
+    out: dict[str, Any] = {}
+    for key, value in entry.items():
+        sub = f"{path}.{key}"
+        if key == "convert":
+            out[key] = doc.boolean(value, sub)
+        elif key in ("experts", "reduction"):
+            out[key] = doc.integer(value, sub, minimum=1)
+        elif key == "attention":
+            out[key] = doc.choice(value, sub, ATTENTION_KINDS)
+        elif key == "noise":
+            out[key] = doc.number(value, sub, minimum=0)
+        elif key == "temperature":
+            out[key] = _temperature(doc, value, sub)
+    return out
+
+
+def _temperature(doc: Doc, raw: Any, path: str) -> TemperatureSchedule:
+    if isinstance(raw, TemperatureSchedule):
+        return raw
+    if not isinstance(raw, dict):
+        return TemperatureSchedule.constant(doc.number(raw, path, minimum=0, exclusive=True))
+    entry = doc.mapping(raw, path, TEMPERATURE_KEYS)
+    kwargs: dict[str, Any] = {}
+    for key in ("start", "end"):
+        if key in entry:
+            kwargs[key] = doc.number(entry[key], f"{path}.{key}", minimum=0, exclusive=True)
+    if "length" in entry:
+        kwargs["length"] = doc.number(entry["length"], f"{path}.length", minimum=0)
+    if "shape" in entry:
+        kwargs["shape"] = doc.choice(entry["shape"], f"{path}.shape", SCHEDULE_SHAPES)
+    if "unit" in entry:
+        kwargs["unit"] = doc.choice(entry["unit"], f"{path}.unit", SCHEDULE_UNITS)
+    return TemperatureSchedule(**kwargs)
+
+
+def _selector(doc: Doc, raw: Any, path: str) -> Selector:
+    entry = doc.mapping(raw, path, SELECTOR_KEYS)
+    kw: dict[str, Any] = {}
+
+    def pos_int(v: Any, p: str) -> int:
+        return doc.integer(v, p, minimum=1)
+
+    for key, value in entry.items():
+        sub = f"{path}.{key}"
+        if key in ("name", "block"):
+            kw[key] = doc.one_or_list(value, sub, doc.string)
+        elif key == "regex":
+            pattern = doc.string(value, sub)
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise doc.error(sub, f"invalid regular expression {pattern!r}: {err}") from None
+            kw[key] = pattern
+        elif key == "type":
+            kw[key] = doc.one_or_list(value, sub, lambda v, p: doc.choice(v, p, CONV_TYPES))
+        elif key in ("kernel_size", "stride", "dilation", "groups"):
+            kw[key] = doc.one_or_list(value, sub, pos_int)
+        elif key == "stage":
+            kw[key] = doc.one_or_list(value, sub, doc.integer)
+        elif key in ("in_channels", "out_channels"):
+            kw[key] = _channel_range(doc, value, sub)
+        else:
+            kw[key] = doc.boolean(value, sub)
+    return Selector(**kw)
+
+
+def _channel_range(doc: Doc, raw: Any, path: str) -> tuple[int, int]:
+    if isinstance(raw, dict):
+        entry = doc.mapping(raw, path, ("min", "max"))
+        low = doc.integer(entry["min"], f"{path}.min", minimum=1) if "min" in entry else 1
+        high = doc.integer(entry["max"], f"{path}.max", minimum=1) if "max" in entry else 2**31
+        if low > high:
+            raise doc.error(path, f"empty range: min {low} > max {high}")
+        return (low, high)
+    value = doc.integer(raw, path, minimum=1)
+    return (value, value)

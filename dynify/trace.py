@@ -1,0 +1,427 @@
+"""Find every convolution of a model, with its shapes and its place in the network.
+
+The first step of the data flow (trace -> plan -> swap): ``trace_model`` runs torch.fx over
+the model with timm's own leaf modules and autowrapped functions, then runs one example input
+through the traced graph (or through the model itself when fx cannot trace it) with forward
+hooks on every conv, so that convs hidden inside fx leaf modules are found as well. For each
+conv it records the input and output shapes, how many times it is called, how it was found,
+and its position: stem, stage (timm's ``feature_info`` level), enclosing block, first/last
+conv of that block, classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx
+from torch import nn
+
+from dynify.errors import DynifyError
+from dynify.layers import DynamicConv2d
+
+__all__ = ["ConvSite", "ModelTrace", "default_input_size", "trace_model"]
+
+FoundBy = Literal["fx", "hook"]
+
+
+@dataclass(frozen=True)
+class ConvSite:
+    """One convolution module of a traced model (shapes are per sample, without batch)."""
+
+    name: str
+    type_name: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    groups: int
+    bias: bool
+    params: int = 0
+    input_shape: tuple[int, int, int] | None = None
+    output_shape: tuple[int, int, int] | None = None
+    calls: int = 0
+    found_by: FoundBy = "hook"
+    stem: bool = False
+    stage: int | None = None
+    block: str | None = None
+    first_in_block: bool = False
+    last_in_block: bool = False
+    classifier: bool = False
+    # Why this conv cannot be converted (None when it can).
+    unsupported: str | None = None
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_channels
+
+    @property
+    def weight_numel(self) -> int:
+        kh, kw = self.kernel_size
+        return self.out_channels * (self.in_channels // self.groups) * kh * kw
+
+    @property
+    def output_hw(self) -> tuple[int, int] | None:
+        return None if self.output_shape is None else self.output_shape[1:]
+
+    @property
+    def position(self) -> str:
+        """A short human description of where the conv sits."""
+        if self.classifier:
+            return "classifier"
+        if self.stem:
+            return "stem"
+        parts = []
+        if self.stage is not None:
+            parts.append(f"stage {self.stage}")
+        if self.first_in_block and self.last_in_block:
+            parts.append("only conv of block")
+        elif self.first_in_block:
+            parts.append("first of block")
+        elif self.last_in_block:
+            parts.append("last of block")
+        return ", ".join(parts) if parts else "head"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConvSite:
+        data = dict(data)
+        for key in ("kernel_size", "stride", "dilation", "input_shape", "output_shape"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        if not isinstance(data.get("padding"), str):
+            data["padding"] = tuple(data["padding"])
+        return cls(**data)
+
+
+@dataclass
+class ModelTrace:
+    """What ``trace_model`` learnt: the conv sites in execution order and how tracing went."""
+
+    input_size: tuple[int, int, int]
+    sites: list[ConvSite]
+    fx_error: str | None = None
+    num_stages: int = 0
+    # Output of the unconverted model on the example input (for the equivalence check).
+    example_input: torch.Tensor | None = field(default=None, repr=False)
+    example_output: Any = field(default=None, repr=False)
+
+    def __iter__(self) -> Iterator[ConvSite]:
+        return iter(self.sites)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def site(self, name: str) -> ConvSite:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The model's own input size (timm's ``pretrained_cfg``), else 3x224x224."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if size is None or len(size) != 3:
+        return (3, 224, 224)
+    return tuple(int(v) for v in size)  # type: ignore[return-value]
+
+
+# -- conv kinds ---------------------------------------------------------------------------
+
+
+def _is_conv(module: nn.Module) -> bool:
+    """A module this pass reports: any ``nn.Conv2d`` (timm subclasses included), or timm's
+    CondConv2d (already dynamic, reported so the plan says why it is left alone)."""
+    return isinstance(module, nn.Conv2d) or type(module).__name__ == "CondConv2d"
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    from dynify.convert import conversion_kind  # the swap knows which variants it handles
+
+    return conversion_kind(module)[1]
+
+
+# -- fx -----------------------------------------------------------------------------------
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx tracer that treats timm's registered leaf modules and dynify's layers as leaves."""
+
+    def __init__(self) -> None:
+        from timm.layers import _fx as timm_fx
+
+        super().__init__(autowrap_functions=tuple(timm_fx.get_notrace_functions()))
+        self._leaves = tuple(timm_fx.get_notrace_modules()) + (DynamicConv2d,)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _fx_trace(model: nn.Module) -> tuple[dict[str, int], str | None]:
+    """Trace ``model``; return the number of graph nodes that call each conv module, and
+    the reason when fx fails (convs inside fx leaf modules have no node of their own)."""
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises many kinds; the hook pass still finds every conv
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return {}, f"{type(err).__name__}: {first_line}"[:200]
+    counts: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    for node in graph.nodes:
+        if node.op == "call_module" and _is_conv(modules.get(str(node.target), nn.Identity())):
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    return counts, None
+
+
+# -- structure ----------------------------------------------------------------------------
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _blocks(model: nn.Module, conv_names: list[str]) -> dict[str, str]:
+    """Map each conv to its block: the deepest ancestor that is a direct child of a container
+    (Sequential / ModuleList / ModuleDict, timm's stages) and holds at least two convs."""
+    modules = dict(model.named_modules())
+    per_module: dict[str, int] = {}
+    for conv in conv_names:
+        parts = conv.split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i])
+            per_module[prefix] = per_module.get(prefix, 0) + 1
+    result = {}
+    for conv in conv_names:
+        parts = conv.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:i])
+            parent = modules.get(".".join(parts[: i - 1]), model) if i > 1 else model
+            if isinstance(parent, _CONTAINERS) and per_module.get(prefix, 0) >= 2:
+                result[conv] = prefix
+                break
+    return result
+
+
+def _feature_modules(model: nn.Module) -> list[str]:
+    info = getattr(model, "feature_info", None)
+    names = []
+    if isinstance(info, list | tuple):
+        for entry in info:
+            if isinstance(entry, dict) and isinstance(entry.get("module"), str):
+                names.append(entry["module"])
+    return names
+
+
+def _classifier_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_classifier", None)
+    if get is None:
+        return set()
+    try:
+        head = get()
+    except Exception:
+        return set()
+    if not isinstance(head, nn.Module):
+        return set()
+    ids = {id(m) for m in head.modules()}
+    return {n for n, m in model.named_modules() if id(m) in ids and _is_conv(m)}
+
+
+# -- the pass -----------------------------------------------------------------------------
+
+
+def _example(model: nn.Module, input_size: tuple[int, int, int]) -> torch.Tensor:
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(1, *input_size, generator=gen).to(device=device, dtype=dtype)
+
+
+def trace_model(
+    model: nn.Module,
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    use_fx: bool = True,
+) -> ModelTrace:
+    """Find the model's convs, their shapes and positions, from one example forward pass.
+
+    Args:
+        model: any ``nn.Module`` taking an image batch (timm models get the most detail).
+        input_size: ``(C, H, W)`` of the example input; default: ``pretrained_cfg``.
+        use_fx: try torch.fx first (``False`` goes straight to hooks).
+
+    The model is run once in eval mode under ``no_grad`` and left in the mode it was in.
+    """
+    size = tuple(input_size) if input_size is not None else default_input_size(model)
+    if len(size) != 3 or any(int(v) <= 0 for v in size):
+        raise DynifyError(f"input size must be three positive integers C,H,W, got {size}")
+    size = tuple(int(v) for v in size)
+    convs = [(n, m) for n, m in model.named_modules() if _is_conv(m)]
+    names = [n for n, _ in convs]
+
+    fx_counts, fx_error = _fx_trace(model) if use_fx else ({}, "fx not used")
+
+    # One example run with hooks: shapes, call counts, execution order.
+    order: list[str] = []
+    in_shapes: dict[str, tuple[int, ...]] = {}
+    out_shapes: dict[str, tuple[int, ...]] = {}
+    calls: dict[str, int] = dict.fromkeys(names, 0)
+    input_ptr: dict[str, int] = {}
+    block_input_ptr: dict[str, int] = {}
+    feature_end: dict[str, int] = {}
+    conv_time: dict[str, int] = {}
+    clock = [0]
+    handles = []
+
+    def conv_pre(name: str):
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            calls[name] += 1
+            clock[0] += 1
+            if name not in in_shapes and isinstance(x, torch.Tensor):
+                in_shapes[name] = tuple(x.shape[1:])
+                input_ptr[name] = x.data_ptr()
+                conv_time[name] = clock[0]
+                order.append(name)
+
+        return hook
+
+    def conv_post(name: str):
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            if name not in out_shapes and isinstance(out, torch.Tensor):
+                out_shapes[name] = tuple(out.shape[1:])
+
+        return hook
+
+    blocks = _blocks(model, names)
+    modules = dict(model.named_modules())
+    for name, module in convs:
+        handles.append(module.register_forward_pre_hook(conv_pre(name)))
+        handles.append(module.register_forward_hook(conv_post(name)))
+    for block in set(blocks.values()):
+
+        def block_pre(_m: nn.Module, args: tuple[Any, ...], block: str = block) -> None:
+            if block not in block_input_ptr and args and isinstance(args[0], torch.Tensor):
+                block_input_ptr[block] = args[0].data_ptr()
+
+        handles.append(modules[block].register_forward_pre_hook(block_pre))
+    features = [f for f in _feature_modules(model) if f in modules]
+    for feat in features:
+
+        def feat_post(_m: nn.Module, _a: Any, _o: Any, feat: str = feat) -> None:
+            clock[0] += 1
+            feature_end.setdefault(feat, clock[0])
+
+        handles.append(modules[feat].register_forward_hook(feat_post))
+
+    # The example runs through the model itself, not the traced graph: module hooks then
+    # fire for every block and feature module too (fx inlines those), and a graph that fx
+    # traced but froze a branch of cannot mislead the shapes.
+    example = _example(model, size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(example)
+    except Exception as err:
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise DynifyError(
+            f"the model does not run on an input of size {size}: {type(err).__name__}: {message}"
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    # Stem: convs that run before the first conv inside a feature (stage) module, or the
+    # first conv of all when the model declares no features.
+    def inside(conv: str, module: str) -> bool:
+        return conv == module or conv.startswith(module + ".")
+
+    feature_with_convs = [f for f in features if any(inside(c, f) for c in order)]
+    first_stage_time = min(
+        (conv_time[c] for c in order if any(inside(c, f) for f in feature_with_convs)),
+        default=None,
+    )
+    classifier = _classifier_names(model)
+    ends = sorted(
+        (t, i) for i, (f, t) in enumerate((f, feature_end[f]) for f in features if f in feature_end)
+    )
+
+    # Block positions: first executed conv of a block, and last executed conv that does not
+    # read the block's own input (so a residual's downsample conv is not "last").
+    by_block: dict[str, list[str]] = {}
+    for c in order:
+        if c in blocks:
+            by_block.setdefault(blocks[c], []).append(c)
+    first_of, last_of = set(), set()
+    for block, members in by_block.items():
+        first_of.add(members[0])
+        main = [c for c in members if input_ptr.get(c) != block_input_ptr.get(block)]
+        last_of.add((main or members)[-1])
+
+    sites = []
+    ordered = order + [n for n in names if n not in in_shapes]
+    for name in ordered:
+        module = modules[name]
+        t = conv_time.get(name)
+        stage = None
+        if t is not None:
+            for end_time, idx in ends:
+                if t <= end_time:
+                    stage = idx
+                    break
+        if t is None:
+            stem = False
+        elif first_stage_time is None:
+            stem = name == (order[0] if order else None)
+        else:
+            stem = t < first_stage_time
+        unsupported = _unsupported_reason(module)
+        if unsupported is None and name not in in_shapes:
+            unsupported = "not called in the example forward pass"
+        sites.append(
+            ConvSite(
+                name=name,
+                type_name=type(module).__name__,
+                in_channels=int(module.in_channels),
+                out_channels=int(module.out_channels),
+                kernel_size=tuple(module.kernel_size),
+                stride=tuple(module.stride),
+                padding=module.padding
+                if isinstance(module.padding, str)
+                else tuple(module.padding),
+                dilation=tuple(module.dilation),
+                groups=int(module.groups),
+                bias=getattr(module, "bias", None) is not None,
+                params=sum(p.numel() for p in module.parameters(recurse=False)),
+                input_shape=in_shapes.get(name),  # type: ignore[arg-type]
+                output_shape=out_shapes.get(name),  # type: ignore[arg-type]
+                calls=calls[name],
+                found_by="fx" if name in fx_counts else "hook",
+                stem=stem and name not in classifier,
+                stage=stage,
+                block=blocks.get(name),
+                first_in_block=name in first_of,
+                last_in_block=name in last_of,
+                classifier=name in classifier,
+                unsupported=unsupported,
+            )
+        )
+    return ModelTrace(
+        input_size=size,  # type: ignore[arg-type]
+        sites=sites,
+        fx_error=fx_error,
+        num_stages=len(features),
+        example_input=example,
+        example_output=output,
+    )
