@@ -1,16 +1,40 @@
 """dynify: turn static CNNs into dynamic-convolution networks.
 
-The public API is what this module exports; everything in a module whose name starts with
-an underscore is private.
+The data flow: timm model -> :func:`trace_model` (fx, shapes, positions) -> :func:`make_plan`
+(recipe rules resolved per conv) -> :func:`apply` (swap via ``DynamicConv2d.from_conv``)
+-> optional fine-tune (temperature schedule) -> artifact (:func:`save` / :func:`load`).
+
+The public API is what this module exports; modules whose names start with an underscore
+are private.
 """
 
 from dynify._version import __version__
+from dynify.convert import apply, make_plan, plan_of
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d, KernelAttention
+from dynify.layers.dynamic_conv_same import DynamicConv2dSame
+from dynify.plan import LayerPlan, Plan, resolve_plan
+from dynify.recipe import LayerSettings, Recipe, load_recipe
+from dynify.schedule import TemperatureSchedule
+from dynify.trace import ConvSite, ModelTrace, trace_model
 
 __all__ = [
+    "ConvSite",
     "DynamicConv2d",
+    "DynamicConv2dSame",
     "DynifyError",
     "KernelAttention",
+    "LayerPlan",
+    "LayerSettings",
+    "ModelTrace",
+    "Plan",
+    "Recipe",
+    "TemperatureSchedule",
     "__version__",
+    "apply",
+    "load_recipe",
+    "make_plan",
+    "plan_of",
+    "resolve_plan",
+    "trace_model",
 ]

@@ -48,7 +48,7 @@ def _same_pad(module: nn.Module) -> bool:
     """Whether a timm conv pads TF-'SAME' style at run time."""
     name = type(module).__name__
     return name == "Conv2dSame" or (
-        name in ("StdConv2dSame", "ScaledStdConv2dSame") and bool(getattr(module, "same_pad"))
+        name in ("StdConv2dSame", "ScaledStdConv2dSame") and bool(module.same_pad)
     )
 
 

@@ -159,7 +159,7 @@ class _Tracer(torch.fx.Tracer):
         from timm.layers import _fx as timm_fx
 
         super().__init__(autowrap_functions=tuple(timm_fx.get_notrace_functions()))
-        self._leaves = tuple(timm_fx.get_notrace_modules()) + (DynamicConv2d,)
+        self._leaves = (*timm_fx.get_notrace_modules(), DynamicConv2d)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaves):
@@ -187,11 +187,21 @@ def _fx_trace(model: nn.Module) -> tuple[dict[str, int], str | None]:
 # -- structure ----------------------------------------------------------------------------
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# Submodule names timm gives residual projections.
+_SHORTCUT_NAMES = frozenset({"shortcut", "downsample", "skip", "conv_skip"})
 
 
-def _blocks(model: nn.Module, conv_names: list[str]) -> dict[str, str]:
-    """Map each conv to its block: the deepest ancestor that is a direct child of a container
-    (Sequential / ModuleList / ModuleDict, timm's stages) and holds at least two convs."""
+def _blocks(model: nn.Module, conv_names: list[str], features: list[str]) -> dict[str, str]:
+    """Map each conv to its block, timm's unit of repetition inside a stage.
+
+    A candidate block is an ancestor of the conv that holds at least two convs, is not a
+    bare container (Sequential / ModuleList / ModuleDict) and sits in a container or beside
+    a sibling of its own class (ResNet's ``layer1.0``, EfficientNet's ``blocks.1.0``,
+    DenseNet's ``denselayer1``, DLA's ``tree1``); a squeeze-excite module inside a block is
+    neither. The block is the outermost candidate inside the conv's stage (timm's
+    ``feature_info`` module), else the stage module itself when it qualifies (Inception's
+    ``Mixed_5d``), else the outermost candidate anywhere.
+    """
     modules = dict(model.named_modules())
     per_module: dict[str, int] = {}
     for conv in conv_names:
@@ -199,15 +209,37 @@ def _blocks(model: nn.Module, conv_names: list[str]) -> dict[str, str]:
         for i in range(1, len(parts)):
             prefix = ".".join(parts[:i])
             per_module[prefix] = per_module.get(prefix, 0) + 1
+
+    def holds_convs(name: str) -> bool:
+        return per_module.get(name, 0) >= 2 and not isinstance(modules[name], _CONTAINERS)
+
+    def candidate(name: str) -> bool:
+        if not holds_convs(name):
+            return False
+        parent_name, _, _ = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        if isinstance(parent, _CONTAINERS):
+            return True
+        cls = type(modules[name])
+        return sum(type(c) is cls for c in parent.children()) >= 2
+
+    candidates = [n for n in per_module if candidate(n)]
     result = {}
     for conv in conv_names:
         parts = conv.split(".")
-        for i in range(len(parts) - 1, 0, -1):
-            prefix = ".".join(parts[:i])
-            parent = modules.get(".".join(parts[: i - 1]), model) if i > 1 else model
-            if isinstance(parent, _CONTAINERS) and per_module.get(prefix, 0) >= 2:
-                result[conv] = prefix
-                break
+        ancestors = [".".join(parts[:i]) for i in range(1, len(parts))]
+        stage = next((a for a in reversed(ancestors) if a in features), None)
+        inside = ancestors[ancestors.index(stage) + 1 :] if stage else ancestors
+        block = next((a for a in inside if candidate(a)), None)
+        if (
+            block is None
+            and stage is not None
+            and holds_convs(stage)
+            and not any(c.startswith(stage + ".") for c in candidates)
+        ):
+            block = stage
+        if block is not None:
+            result[conv] = block
     return result
 
 
@@ -302,8 +334,9 @@ def trace_model(
 
         return hook
 
-    blocks = _blocks(model, names)
     modules = dict(model.named_modules())
+    features = [f for f in _feature_modules(model) if f in modules]
+    blocks = _blocks(model, names, features)
     for name, module in convs:
         handles.append(module.register_forward_pre_hook(conv_pre(name)))
         handles.append(module.register_forward_hook(conv_post(name)))
@@ -314,7 +347,6 @@ def trace_model(
                 block_input_ptr[block] = args[0].data_ptr()
 
         handles.append(modules[block].register_forward_pre_hook(block_pre))
-    features = [f for f in _feature_modules(model) if f in modules]
     for feat in features:
 
         def feat_post(_m: nn.Module, _a: Any, _o: Any, feat: str = feat) -> None:
@@ -342,32 +374,35 @@ def trace_model(
             h.remove()
         model.train(was_training)
 
-    # Stem: convs that run before the first conv inside a feature (stage) module, or the
-    # first conv of all when the model declares no features.
-    def inside(conv: str, module: str) -> bool:
-        return conv == module or conv.startswith(module + ".")
-
-    feature_with_convs = [f for f in features if any(inside(c, f) for c in order)]
-    first_stage_time = min(
-        (conv_time[c] for c in order if any(inside(c, f) for f in feature_with_convs)),
-        default=None,
+    # Stem: the convs that run before the first conv of any block (ResNet-D's three, DLA's
+    # base and level 0-1); the first conv alone when the network has no blocks.
+    # Convs inside the stage that holds the first block (DLA's level-2 projection) are
+    # not stem either.
+    first_block_conv = next((c for c in order if c in blocks), None)
+    first_block_time = conv_time[first_block_conv] if first_block_conv else None
+    first_stage = next(
+        (f for f in features if first_block_conv and first_block_conv.startswith(f + ".")), None
     )
     classifier = _classifier_names(model)
     ends = sorted(
         (t, i) for i, (f, t) in enumerate((f, feature_end[f]) for f in features if f in feature_end)
     )
 
-    # Block positions: first executed conv of a block, and last executed conv that does not
-    # read the block's own input (so a residual's downsample conv is not "last").
+    # Block positions along the main path: the first and the last executed conv of the
+    # block that is not on its shortcut (reads the block's own input, or lives in a
+    # shortcut / downsample branch), so a residual's projection is neither.
     by_block: dict[str, list[str]] = {}
     for c in order:
         if c in blocks:
             by_block.setdefault(blocks[c], []).append(c)
     first_of, last_of = set(), set()
     for block, members in by_block.items():
-        first_of.add(members[0])
-        main = [c for c in members if input_ptr.get(c) != block_input_ptr.get(block)]
-        last_of.add((main or members)[-1])
+        branch = [
+            c for c in members if not _SHORTCUT_NAMES.intersection(c[len(block) + 1 :].split("."))
+        ]
+        main = [c for c in branch if input_ptr.get(c) != block_input_ptr.get(block)]
+        first_of.add((branch or members)[0])
+        last_of.add((main or branch or members)[-1])
 
     sites = []
     ordered = order + [n for n in names if n not in in_shapes]
@@ -382,10 +417,10 @@ def trace_model(
                     break
         if t is None:
             stem = False
-        elif first_stage_time is None:
-            stem = name == (order[0] if order else None)
+        elif first_block_time is None or first_block_time == conv_time[order[0]]:
+            stem = name == order[0]
         else:
-            stem = t < first_stage_time
+            stem = t < first_block_time and not (first_stage and name.startswith(first_stage + "."))
         unsupported = _unsupported_reason(module)
         if unsupported is None and name not in in_shapes:
             unsupported = "not called in the example forward pass"

@@ -269,7 +269,7 @@ class DynamicConv2d(nn.Module):
         # The attention pools the unpadded input, as the surrounding network sees it.
         routing = self.attention(x)
         return dynamic_conv2d(
-            self._pad(x),
+            _keep_layout(self._pad(x), x),
             routing,
             self.weight,
             self.bias,
@@ -331,6 +331,21 @@ def _init_experts(
     eps = eps.to(experts.device)
     eps.sub_(eps.mean(dim=0, keepdim=True))
     experts.copy_(eps).mul_(noise * std * scale).add_(kernel.unsqueeze(0), alpha=scale)
+
+
+def _keep_layout(padded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``padded`` in ``x``'s memory layout.
+
+    Circular padding (a cat of slices) returns a contiguous tensor even for a channels_last
+    input, which would make the layer's output contiguous too; the other modes keep the
+    layout, so this is a no-op for them. fx-wrapped: it inspects strides, not values.
+    """
+    if padded is not x and x.is_contiguous(memory_format=torch.channels_last):
+        return padded.contiguous(memory_format=torch.channels_last)
+    return padded
+
+
+torch.fx.wrap("_keep_layout")
 
 
 def _check_positive(name: str, value: int) -> None:
