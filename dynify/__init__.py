@@ -9,6 +9,7 @@ are private.
 """
 
 from dynify._version import __version__
+from dynify.artifact import load, save
 from dynify.convert import apply, make_plan, plan_of
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d, KernelAttention
@@ -32,9 +33,11 @@ __all__ = [
     "TemperatureSchedule",
     "__version__",
     "apply",
+    "load",
     "load_recipe",
     "make_plan",
     "plan_of",
     "resolve_plan",
+    "save",
     "trace_model",
 ]

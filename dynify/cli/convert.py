@@ -1,0 +1,141 @@
+"""``dynify convert``: build a timm model, convert it by a recipe, write one artifact."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+HELP = "convert a timm model's convs to dynamic convolutions and write an artifact"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help=HELP,
+        description=(
+            f"{HELP[0].upper()}{HELP[1:]}. Prints the per-layer plan, checks that the converted "
+            "model computes what the original did, and writes the weights, the timm name and "
+            "the plan to one .safetensors file (rebuild it with dynify.load or --from)."
+        ),
+    )
+    p.add_argument("model", nargs="?", help="timm model name, e.g. resnet50")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="recipe YAML file or bundled name (dycnn, mobile, condconv, all); default: dycnn",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", action="store_true", help="start from timm's weights")
+    src.add_argument("--checkpoint", metavar="FILE", help="start from these weights")
+    src.add_argument(
+        "--from",
+        dest="from_artifact",
+        metavar="ARTIFACT",
+        help="rebuild an existing artifact instead of converting a model",
+    )
+    p.add_argument("--num-classes", type=int, default=None, metavar="N")
+    p.add_argument("--input-size", default=None, metavar="C,H,W", help="example input size")
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="PATH",
+        help="artifact to write (default: <model>.dynify.safetensors here)",
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--strict", action="store_true", help="fail if a recipe rule matches no conv")
+    p.add_argument("--seed", type=int, default=0, help="seed of the experts' perturbation")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import dynify
+    from dynify.errors import DynifyError
+    from dynify.models import create_model, parse_input_size
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DynifyError("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.from_artifact:
+        if args.model:
+            raise DynifyError("give either MODEL or --from ARTIFACT, not both")
+        return _rebuild(args)
+    if not args.model:
+        raise DynifyError("MODEL is required (a timm name such as resnet50), or --from ARTIFACT")
+    input_size = parse_input_size(args.input_size)
+    recipe = dynify.load_recipe(args.recipe)  # validate before building anything
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = create_model(
+        args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs
+    )
+    model = model.to(args.device).eval()
+
+    start = time.perf_counter()
+    converted = dynify.apply(
+        model,
+        recipe,
+        input_size=input_size,
+        inplace=False,
+        strict=args.strict or None,
+        seed=args.seed,
+    )
+    elapsed = time.perf_counter() - start
+    plan = dynify.plan_of(converted)
+    print(f"{args.model}: recipe {plan.recipe}, input {'x'.join(map(str, plan.input_size))}")
+    print(plan.table())
+    _print_costs(model, converted)
+    if plan.fx_error:
+        print(
+            f"note: torch.fx could not trace the model ({plan.fx_error}); convs were found "
+            "with forward hooks"
+        )
+    if plan.converted:
+        print(
+            f"equivalence: eval output max relative error {plan.check_error:.2e} "
+            f"(tolerance {dynify.convert.EQUIVALENCE_TOLERANCE:g}): OK"
+        )
+    else:
+        print("no conv matched the recipe: the model is unchanged")
+    print(f"converted in {elapsed:.2f} s")
+
+    output = Path(args.output or f"{args.model}.dynify.safetensors")
+    dynify.save(converted, output, model_name=args.model, model_kwargs=kwargs)
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _print_costs(model, converted) -> None:
+    """Totals before and after, from the cost model when it is available."""
+    try:
+        from dynify import cost
+    except ImportError:
+        return
+    formatter = getattr(cost, "format_totals", None)
+    if formatter is not None:
+        print(formatter(cost.count(model), cost.count(converted)))
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    import dynify
+    from dynify.artifact import read_info
+
+    info = read_info(args.from_artifact)
+    model = dynify.load(args.from_artifact, device=args.device)
+    plan = dynify.plan_of(model)
+    print(
+        f"{args.from_artifact}: {info['model_name']} {info['model_kwargs']}, written by dynify "
+        f"{info['dynify_version']} (timm {info['timm_version']})"
+    )
+    print(plan.table())
+    if args.output:
+        output = Path(args.output)
+        dynify.save(
+            model,
+            output,
+            model_name=info["model_name"],
+            model_kwargs=info["model_kwargs"],
+            extra=info["extra"],
+        )
+        print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+    return 0
