@@ -27,15 +27,27 @@ class Doc:
     data: Any
     source: str
     lines: dict[str, int] = field(default_factory=dict)
+    # Key path of ``data`` inside the file, for a section parsed on its own (see ``sub``).
+    prefix: str = ""
+
+    def sub(self, key: str) -> Doc:
+        """The section ``key`` of this mapping as a document of its own; its errors still
+        name the full path and the right line."""
+        data = self.data.get(key) if isinstance(self.data, dict) else None
+        return Doc(data, self.source, self.lines, _join(self.prefix, key))
 
     def where(self, path: str) -> str:
         """``file:line: path`` for the closest known ancestor of ``path``."""
-        probe = path
+        full = _join(self.prefix, path)
+        probe = full
         while probe and probe not in self.lines:
             probe = _parent(probe)
         line = self.lines.get(probe) or self.lines.get("")
         loc = f"{self.source}:{line}" if line else self.source
-        return f"{loc}: {path}" if path else loc
+        return f"{loc}: {full}" if full else loc
+
+    def line(self, path: str) -> int | None:
+        return self.lines.get(_join(self.prefix, path))
 
     def error(self, path: str, message: str) -> DynifyError:
         return DynifyError(f"{self.where(path)}: {message}")
@@ -99,6 +111,14 @@ class Doc:
                 raise self.error(path, "expected a value or a non-empty list, got []")
             return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(value))
         return (item(value, path),)
+
+
+def _join(prefix: str, path: str) -> str:
+    if not prefix:
+        return path
+    if not path:
+        return prefix
+    return prefix + path if path.startswith("[") else f"{prefix}.{path}"
 
 
 def _parent(path: str) -> str:

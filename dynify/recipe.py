@@ -248,7 +248,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "<recipe>") -> Recipe:
-        return _parse(Doc(data, source, {}))
+        return parse_recipe(Doc(data, source, {}))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": 1}
@@ -294,13 +294,14 @@ def load_recipe(recipe: Recipe | dict[str, Any] | str | os.PathLike[str] | None)
                 f"{did_you_mean(path.stem, names)}; bundled recipes: {', '.join(names)}"
             )
         path = bundled
-    return _parse(load_yaml_file(path))
+    return parse_recipe(load_yaml_file(path))
 
 
 # -- validation ---------------------------------------------------------------------------
 
 
-def _parse(doc: Doc) -> Recipe:
+def parse_recipe(doc: Doc) -> Recipe:
+    """Validate a parsed YAML document (or a section of one) as a recipe."""
     data = doc.data
     if data is None:
         raise doc.error("", "the recipe is empty; expected a mapping with 'defaults' and 'rules'")
@@ -326,7 +327,7 @@ def _parse(doc: Doc) -> Recipe:
                 select=_selector(doc, entry.get("select"), f"{path}.select"),
                 settings=settings,
                 name=name,
-                line=doc.lines.get(path),
+                line=doc.line(path),
             )
         )
     strict = doc.boolean(top["strict"], "strict") if "strict" in top else False
