@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dynify._opcount import OpCounts
 from dynify.errors import DynifyError
 from dynify.layers.attention import attention_hidden_width
 from dynify.recipe import LayerSettings, Recipe, Rule, Selector
@@ -82,6 +83,8 @@ class Plan:
     model_name: str | None = field(default=None)
     # Relative max error of the converted model against the original (set by apply).
     check_error: float | None = None
+    # What the rest of the network costs (from the trace), so the plan can be priced.
+    op_counts: OpCounts | None = field(default=None, repr=False)
 
     @property
     def converted(self) -> list[LayerPlan]:
@@ -161,6 +164,7 @@ class Plan:
             "fx_error": self.fx_error,
             "check_error": self.check_error,
             "layers": [lp.to_dict() for lp in self.layers],
+            "op_counts": None if self.op_counts is None else self.op_counts.to_dict(),
         }
 
     @classmethod
@@ -173,6 +177,7 @@ class Plan:
             fx_error=data.get("fx_error"),
             model_name=data.get("model_name"),
             check_error=data.get("check_error"),
+            op_counts=OpCounts.from_dict(data["op_counts"]) if data.get("op_counts") else None,
         )
 
     def to_recipe(self, *, description: str | None = None) -> Recipe:
@@ -221,6 +226,7 @@ def resolve_plan(trace: ModelTrace, recipe: Recipe, *, strict: bool | None = Non
         num_stages=trace.num_stages,
         recipe=recipe.label,
         fx_error=trace.fx_error,
+        op_counts=trace.op_counts,
     )
 
 

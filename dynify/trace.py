@@ -19,6 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from dynify._opcount import OpCounts, OpRecorder
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
 
@@ -111,6 +112,9 @@ class ModelTrace:
     # Output of the unconverted model on the example input (for the equivalence check).
     example_input: torch.Tensor | None = field(default=None, repr=False)
     example_output: Any = field(default=None, repr=False)
+    # The matrix products, convolutions and attention of the example pass, per module, for
+    # the cost model (``dynify.cost``).
+    op_counts: OpCounts | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[ConvSite]:
         return iter(self.sites)
@@ -359,10 +363,11 @@ def trace_model(
     # fire for every block and feature module too (fx inlines those), and a graph that fx
     # traced but froze a branch of cannot mislead the shapes.
     example = _example(model, size)
+    recorder = OpRecorder(model, (example,))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), recorder:
             output = model(example)
     except Exception as err:
         message = str(err).splitlines()[0] if str(err) else ""
@@ -459,4 +464,5 @@ def trace_model(
         num_stages=len(features),
         example_input=example,
         example_output=output,
+        op_counts=recorder.counts(),
     )
