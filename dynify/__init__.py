@@ -16,7 +16,7 @@ from dynify.layers import DynamicConv2d, KernelAttention
 from dynify.layers.dynamic_conv_same import DynamicConv2dSame
 from dynify.plan import LayerPlan, Plan, resolve_plan
 from dynify.recipe import LayerSettings, Recipe, load_recipe
-from dynify.schedule import TemperatureSchedule
+from dynify.schedule import TemperatureSchedule, TemperatureScheduler
 from dynify.trace import ConvSite, ModelTrace, trace_model
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "Plan",
     "Recipe",
     "TemperatureSchedule",
+    "TemperatureScheduler",
     "__version__",
     "apply",
     "load",
