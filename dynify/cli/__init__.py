@@ -18,7 +18,7 @@ from dynify.errors import DynifyError
 __all__ = ["main"]
 
 # Command modules, in the order ``--help`` lists them. Later issues append here.
-COMMANDS: tuple[str, ...] = ("convert",)
+COMMANDS: tuple[str, ...] = ("convert", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

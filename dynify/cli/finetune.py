@@ -1,0 +1,214 @@
+"""``dynify finetune``: train a converted model (or an artifact) on an image data set."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+HELP = "fine-tune a converted model (temperature schedule, optional distillation)"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "finetune",
+        help=HELP,
+        description=(
+            f"{HELP[0].upper()}{HELP[1:]}. MODEL_OR_ARTIFACT is a timm model name (converted "
+            "with --recipe first) or a .safetensors artifact from 'dynify convert'. Writes "
+            "OUTPUT/checkpoint.pth after every epoch (--resume continues from it exactly), "
+            "OUTPUT/metrics.json, and OUTPUT/model.safetensors at the end. Runs on several "
+            "GPUs or machines under torchrun, e.g. 'torchrun --nproc-per-node 4 -m dynify "
+            "finetune ...'."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL_OR_ARTIFACT", help="timm name or .safetensors file")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="ImageFolder folder, folder with train/ and val/ (or test/) folders or .tar "
+        "files, an ImageFolder .tar, or torch/cifar10 (torchvision, downloaded)",
+    )
+    p.add_argument("--epochs", type=int, required=True, metavar="N")
+    conv = p.add_argument_group("model")
+    conv.add_argument(
+        "--recipe",
+        default=None,
+        help="recipe YAML or bundled name for a timm MODEL (default: dycnn)",
+    )
+    conv.add_argument("--static", action="store_true", help="train MODEL without converting it")
+    src = conv.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", action="store_true", help="start from timm's weights")
+    src.add_argument("--checkpoint", metavar="FILE", help="start from these weights")
+    conv.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--img-size", type=int, default=None, metavar="S", help="e.g. 32 for CIFAR")
+    data.add_argument("--crop-pct", type=float, default=None, help="evaluation centre crop")
+    data.add_argument("--no-aug", action="store_true", help="no training augmentation")
+    data.add_argument(
+        "--aug-scale",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="random-resized-crop area range (default 0.08 1; 0.35 1 suits 32px images)",
+    )
+    data.add_argument("--train-images", type=int, default=None, metavar="N", help="subset")
+    data.add_argument("--val-images", type=int, default=None, metavar="N", help="subset")
+    data.add_argument(
+        "--holdout",
+        type=float,
+        default=0.1,
+        help="validation fraction when the data has no val split (default 0.1)",
+    )
+    data.add_argument("--data-cache", default=None, metavar="DIR", help="torch/NAME downloads")
+    data.add_argument("--workers", type=int, default=2, help="loader processes per process")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=int, default=128, metavar="B", help="global batch")
+    opt.add_argument("--lr", type=float, default=None, help="default 0.1*B/256 (SGD)")
+    opt.add_argument("--opt", default="sgd", help="timm optimizer name (default sgd)")
+    opt.add_argument("--weight-decay", type=float, default=1e-4)
+    opt.add_argument("--sched", default="cosine", help="timm LR schedule (default cosine)")
+    opt.add_argument("--warmup-epochs", type=int, default=0)
+    opt.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    opt.add_argument("--clip-grad", type=float, default=None, metavar="NORM")
+    opt.add_argument(
+        "--teacher",
+        action="store_true",
+        help="distil from the unconverted model (needs a timm MODEL, not an artifact)",
+    )
+    opt.add_argument("--distill-weight", type=float, default=0.5, help="KD loss share")
+    opt.add_argument("--distill-temperature", type=float, default=1.0)
+
+    run = p.add_argument_group("run")
+    run.add_argument("--output", default=None, metavar="DIR", help="default runs/<model>")
+    run.add_argument("--resume", action="store_true", help="continue OUTPUT/checkpoint.pth")
+    run.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    run.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA"
+    )
+    run.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on CUDA",
+    )
+    run.add_argument(
+        "--sync-bn", action="store_true", help="under torchrun on GPUs: global batch-norm stats"
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    import dynify
+    from dynify.errors import DynifyError
+    from dynify.models import create_model
+    from dynify.train import TrainingDiverged, finetune, load_data
+
+    is_artifact = args.model.endswith(".safetensors")
+    if is_artifact and (args.recipe or args.static or args.pretrained or args.checkpoint):
+        raise DynifyError(
+            "--recipe, --static, --pretrained and --checkpoint apply to a timm MODEL; an "
+            "artifact is already converted and holds its weights"
+        )
+    if is_artifact and args.teacher:
+        raise DynifyError(
+            "--teacher needs the unconverted model: give the timm MODEL name (with "
+            "--pretrained or --checkpoint) instead of the artifact"
+        )
+    if args.static and args.teacher:
+        raise DynifyError("--teacher distils a converted model from the static one; drop --static")
+    data = load_data(
+        args.data,
+        holdout=args.holdout,
+        train_images=args.train_images,
+        val_images=args.val_images,
+        cache_dir=args.data_cache,
+    )
+    teacher = None
+    name = args.model
+    kwargs: dict = {}
+    if is_artifact:
+        from dynify.artifact import load, read_info
+
+        info = read_info(args.model)
+        model = load(args.model)
+        name, kwargs = info["model_name"], dict(info["model_kwargs"])
+        label = Path(args.model).name.removesuffix(".safetensors")
+    else:
+        recipe = None if args.static else dynify.load_recipe(args.recipe)
+        kwargs = {"num_classes": data.num_classes}
+        torch.manual_seed(args.seed)
+        model = create_model(
+            args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs
+        )
+        if args.teacher:
+            teacher = copy.deepcopy(model)
+        if recipe is not None:
+            size = None if args.img_size is None else (3, args.img_size, args.img_size)
+            model = dynify.apply(model, recipe, input_size=size, inplace=True, seed=args.seed)
+        label = f"{args.model}-{'static' if args.static else recipe.label}"  # type: ignore[union-attr]
+    output = Path(args.output or Path("runs") / label)
+    primary = int(os.environ.get("RANK", "0")) == 0
+    try:
+        result = finetune(
+            model=model,
+            data=data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            opt=args.opt,
+            weight_decay=args.weight_decay,
+            sched=args.sched,
+            warmup_epochs=args.warmup_epochs,
+            smoothing=args.smoothing,
+            clip_grad=args.clip_grad,
+            img_size=args.img_size,
+            crop_pct=args.crop_pct,
+            augment=not args.no_aug,
+            aug_scale=tuple(args.aug_scale) if args.aug_scale else None,
+            teacher=teacher,
+            distill_weight=args.distill_weight,
+            distill_temperature=args.distill_temperature,
+            output=output,
+            resume=args.resume,
+            device=args.device,
+            amp=args.amp,
+            channels_last=args.channels_last,
+            sync_bn=args.sync_bn,
+            seed=args.seed,
+            workers=args.workers,
+            progress=not args.quiet,
+        )
+    except TrainingDiverged as err:
+        if primary:
+            print(f"dynify finetune: {err}", file=sys.stderr)
+        return 1
+    if not primary:
+        return 0
+    model = result.model.cpu()
+    line = (
+        f"done: {result.epochs} epochs, val top-1 {result.top1:.2f}% top-5 {result.top5:.2f}% "
+        f"(best top-1 {result.best_top1:.2f}%)"
+    )
+    if result.images_per_s:
+        line += f", {result.images_per_s:.0f} training images/s"
+    print(line)
+    try:
+        dynify.plan_of(model)
+    except DynifyError:
+        print(f"static model: its weights are in {output / 'checkpoint.pth'} ('model' entry)")
+        return 0
+    target = output / "model.safetensors"
+    extra = {"finetune": {k: v for k, v in result.history[-1].items()}}
+    dynify.save(model, target, model_name=name, model_kwargs=kwargs, extra=extra)
+    print(f"wrote {target}")
+    return 0
