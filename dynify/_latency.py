@@ -1,0 +1,203 @@
+"""Forward-pass latency on a device: warm-up, synchronised timing, repeats, median.
+
+Public through :mod:`dynify.cost` (``latency``, ``compare_latency``). On CUDA each pass is
+timed with CUDA events (the wall clock would only see the kernel launches); on the CPU with
+``time.perf_counter``. ``compare_latency`` interleaves the two models pass by pass, so that
+load from other processes hits both alike, and reports the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dynify.errors import DynifyError
+
+__all__ = ["LatencyComparison", "LatencyResult", "compare_latency", "latency", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or ``cuda`` when a GPU is present, else ``cpu``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DynifyError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DynifyError(f"device {device!r}: no CUDA device is available here; use cpu")
+    return dev
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Per-pass forward times (seconds) of one model on one device and batch size."""
+
+    times: tuple[float, ...]
+    device: str
+    batch_size: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def median_ms(self) -> float:
+        return self.median * 1e3
+
+    def __str__(self) -> str:
+        return (
+            f"{self.median_ms:.2f} ms (median of {len(self.times)}, batch {self.batch_size}, "
+            f"{self.device})"
+        )
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Static and converted models timed interleaved in one run."""
+
+    static: LatencyResult
+    converted: LatencyResult
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        return tuple(c / s for s, c in zip(self.static.times, self.converted.times, strict=True))
+
+    @property
+    def ratio(self) -> float:
+        """Median over rounds of converted / static (each round times both, back to back)."""
+        return statistics.median(self.ratios)
+
+    def __str__(self) -> str:
+        return (
+            f"static {self.static.median_ms:.2f} ms, converted {self.converted.median_ms:.2f} ms, "
+            f"ratio x{self.ratio:.2f} (batch {self.static.batch_size}, {self.static.device}, "
+            f"median of {len(self.ratios)} interleaved rounds)"
+        )
+
+
+@contextmanager
+def _on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``model`` in eval mode on ``device`` (a copy when it lives elsewhere)."""
+    param = next(model.parameters(), None)
+    here = (
+        param is None
+        or param.device == device
+        or (device.type == param.device.type and device.index is None)
+    )
+    target = model if here else copy.deepcopy(model).to(device)
+    was_training = model.training
+    target.eval()
+    try:
+        yield target
+    finally:
+        model.train(was_training)
+
+
+def _example(
+    model: nn.Module, input_size: tuple[int, ...], batch_size: int, device
+) -> torch.Tensor:
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.randn(batch_size, *input_size, device=device, dtype=dtype)
+
+
+def _timer(model: nn.Module, x: torch.Tensor) -> Callable[[], float]:
+    if x.device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+
+        def run_cuda() -> float:
+            start.record()
+            model(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+        return run_cuda
+
+    def run_cpu() -> float:
+        t0 = time.perf_counter()
+        model(x)
+        return time.perf_counter() - t0
+
+    return run_cpu
+
+
+def _check(input_size, batch_size: int, warmup: int, repeats: int) -> tuple[int, ...]:
+    size = tuple(int(v) for v in input_size)
+    if len(size) != 3 or any(v <= 0 for v in size):
+        raise DynifyError(f"input size must be three positive integers C,H,W, got {input_size}")
+    if batch_size < 1 or repeats < 1 or warmup < 0:
+        raise DynifyError(
+            f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, "
+            f"{warmup}"
+        )
+    return size
+
+
+def latency(
+    model: nn.Module,
+    input_size: tuple[int, int, int],
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> LatencyResult:
+    """Time ``repeats`` forward passes (after ``warmup`` untimed ones) in eval mode under
+    ``torch.inference_mode``; the median is ``result.median`` (seconds)."""
+    size = _check(input_size, batch_size, warmup, repeats)
+    dev = resolve_device(device)
+    with _on_device(model, dev) as m, torch.inference_mode():
+        x = _example(m, size, batch_size, dev)
+        run = _timer(m, x)
+        for _ in range(warmup):
+            run()
+        times = tuple(run() for _ in range(repeats))
+    return LatencyResult(times, str(dev), batch_size)
+
+
+def compare_latency(
+    static: nn.Module,
+    converted: nn.Module,
+    input_size: tuple[int, int, int],
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> LatencyComparison:
+    """Time two models side by side: each round runs both on the same input, alternating
+    which goes first; ``result.ratio`` is the median per-round converted / static."""
+    size = _check(input_size, batch_size, warmup, repeats)
+    dev = resolve_device(device)
+    with (
+        _on_device(static, dev) as a,
+        _on_device(converted, dev) as b,
+        torch.inference_mode(),
+    ):
+        x = _example(a, size, batch_size, dev)
+        run_a, run_b = _timer(a, x), _timer(b, x)
+        for _ in range(warmup):
+            run_a()
+            run_b()
+        times_a, times_b = [], []
+        for i in range(repeats):
+            if i % 2 == 0:
+                times_a.append(run_a())
+                times_b.append(run_b())
+            else:
+                times_b.append(run_b())
+                times_a.append(run_a())
+    return LatencyComparison(
+        LatencyResult(tuple(times_a), str(dev), batch_size),
+        LatencyResult(tuple(times_b), str(dev), batch_size),
+    )

@@ -1,0 +1,424 @@
+"""The cost model against independent references.
+
+References: MACs computed by hand in this file for small nets and single dynamic layers;
+torch's ``FlopCounterMode`` run on real forward passes (``measure_flops``), which must agree
+exactly with the analytic count for static and converted timm models at batch 1 and > 1;
+and published figures: torchvision's model metadata (``_ops`` GMACs, ``num_params``, for the
+same architectures as timm's) and timm's model cards (ResNet-50 4.1 GMACs, MobileNetV2 0.3).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import dynify
+from dynify import DynamicConv2d, cost
+from dynify.errors import DynifyError
+
+SMALL = (3, 64, 64)
+
+
+# -- hand-computed ----------------------------------------------------------------------------
+
+
+class TinyNet(nn.Module):
+    """3x8x8 -> conv 3->8 3x3 -> depthwise 3x3 -> global pool -> linear 8->5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dw(torch.relu(self.conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+# conv: 8 out x 3 in x 9 taps x 64 pixels; depthwise: 8 x 1 x 9 x 64; linear: 8 x 5
+TINY_MACS = 8 * 3 * 9 * 64 + 8 * 1 * 9 * 64 + 8 * 5  # 18472
+TINY_PARAMS = (8 * 27 + 8) + (8 * 9 + 8) + (8 * 5 + 5)  # 349
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tiny_net_by_hand(batch: int) -> None:
+    model = TinyNet()
+    report = cost.count(model, input_size=(3, 8, 8), batch_size=batch)
+    assert report.macs == TINY_MACS * batch
+    assert report.flops == 2 * TINY_MACS * batch
+    assert report.params == TINY_PARAMS
+    assert report.weight_bytes == 4 * TINY_PARAMS
+    assert report.extra_ops == 0
+    assert report.row("conv").macs == 8 * 3 * 9 * 64 * batch
+    assert report.row("dw").macs == 8 * 9 * 64 * batch
+    assert report.row("fc").macs == 40 * batch
+    assert report.row("fc").params == 45
+    measured = cost.measure_flops(model, input_size=(3, 8, 8), device="cpu", batch_size=batch)
+    assert measured == 2 * TINY_MACS * batch
+
+
+def _dynamic_by_hand(c_in, c_out, k, groups, hw_in, hw_out, experts, hidden, bias) -> int:
+    kernel = c_out * (c_in // groups) * k * k
+    return (
+        c_in * hidden  # attention fc1
+        + hidden * experts  # attention fc2
+        + experts * kernel  # kernel mixing
+        + (experts * c_out if bias else 0)  # bias mixing
+        + kernel * hw_out[0] * hw_out[1]  # the convolution
+    )
+
+
+# (c_in, c_out, k, stride, groups, size, experts, reduction, bias, attention): small ones take
+# the folded grouped conv at B > 1, the 64-channel one the per-sample path, and the
+# depthwise one the folded path with groups = B * C.
+LAYERS = [
+    (16, 32, 3, 1, 1, 10, 4, 4, True, "softmax"),
+    (64, 64, 3, 1, 1, 16, 4, 4, False, "softmax"),
+    (24, 24, 3, 2, 24, 9, 8, 16, True, "sigmoid"),
+    (3, 8, 5, 2, 1, 11, 2, 4, True, "softmax"),
+]
+
+
+@pytest.mark.parametrize("cfg", LAYERS, ids=lambda c: f"{c[0]}-{c[1]}k{c[2]}s{c[3]}g{c[4]}")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_single_dynamic_layer_by_hand(cfg, batch: int) -> None:
+    c_in, c_out, k, stride, groups, size, experts, r, bias, attention = cfg
+    layer = DynamicConv2d(
+        c_in, c_out, k, stride=stride, padding=k // 2, groups=groups, bias=bias,
+        num_experts=experts, reduction=r, attention=attention,
+    )  # fmt: skip
+    model = nn.Sequential(layer)
+    hidden = max(c_in // r, 4)
+    out = (size + 2 * (k // 2) - k) // stride + 1
+    macs = _dynamic_by_hand(c_in, c_out, k, groups, (size, size), (out, out), experts, hidden, bias)
+    report = cost.count(model, input_size=(c_in, size, size), batch_size=batch)
+    row = report.row("0")
+    assert row.kind == "dynamic"
+    assert report.macs == row.macs == macs * batch
+    assert row.parts["conv"] == c_out * (c_in // groups) * k * k * out * out * batch
+    assert row.parts["kernel_mix"] == experts * c_out * (c_in // groups) * k * k * batch
+    assert row.parts["bias_mix"] == (experts * c_out * batch if bias else 0)
+    # pool: C*H*W adds + C divides; fc biases h + K, ReLU h, 1/T K, softmax/sigmoid 3K
+    assert row.extra_ops == (c_in * (size * size + 1) + 2 * hidden + 5 * experts) * batch
+    assert report.params == sum(p.numel() for p in layer.parameters())
+    measured = cost.measure_flops(model, input_size=(c_in, size, size), device="cpu",
+                                  batch_size=batch)  # fmt: skip
+    assert measured == 2 * macs * batch
+
+
+def test_dynamic_layer_chunked_batch_is_counted_once_per_sample() -> None:
+    # A tiny max_kernel_bytes forces one chunk per sample in the layer's eager path.
+    layer = DynamicConv2d(32, 32, 3, padding=1, num_experts=4, max_kernel_bytes=1)
+    model = nn.Sequential(layer)
+    single = cost.count(model, input_size=(32, 12, 12)).macs
+    measured = cost.measure_flops(model, input_size=(32, 12, 12), device="cpu", batch_size=5)
+    assert measured == 2 * 5 * single
+
+
+# -- timm architectures: analytic == FlopCounterMode, exactly ------------------------------------
+
+ARCHS = {
+    # name: (recipe, timm kwargs)
+    "resnet18": ("dycnn", {}),
+    "mobilenetv2_100": ("dycnn", {}),
+    "vit_tiny_patch16_224": ("all", {"img_size": 64}),  # its only conv is the patch stem
+}
+SLOW_ARCHS = {
+    "efficientnet_b0": ("dycnn", {}),
+    "convnext_nano": ("dycnn", {}),
+    "tf_efficientnet_b0": ("dycnn", {}),  # TF 'SAME' padding: DynamicConv2dSame
+    "efficientnet_cc_b0_4e": ("dycnn", {}),  # timm's own CondConv2d stays static
+    "resnetv2_50x1_bit": ("dycnn", {}),  # StdConv2d weight standardisation
+    "mixnet_s": ("mobile", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def converted_models() -> dict[str, tuple[nn.Module, nn.Module]]:
+    return {}
+
+
+def _pair(cache, name: str, recipe: str, kwargs) -> tuple[nn.Module, nn.Module]:
+    if name not in cache:
+        model = timm.create_model(name, **kwargs).eval()
+        cache[name] = (model, dynify.apply(model, recipe, input_size=SMALL))
+    return cache[name]
+
+
+def _check_agreement(model: nn.Module, converted: nn.Module, batch: int) -> None:
+    before = cost.count(model, input_size=SMALL, batch_size=batch)
+    after = cost.count(converted, batch_size=batch)
+    assert before.flops == cost.measure_flops(
+        model, input_size=SMALL, device="cpu", batch_size=batch
+    )
+    assert after.flops == cost.measure_flops(converted, device="cpu", batch_size=batch)
+    assert after.params == sum(p.numel() for p in converted.parameters())
+    assert before.params == sum(p.numel() for p in model.parameters())
+    plan = dynify.plan_of(converted)
+    assert plan.converted, "the recipe converted nothing: the test would prove little"
+    assert after.macs > before.macs
+    # The plan priced as the unconverted model equals the static model's own count.
+    assert cost.count(plan, static=True, batch_size=batch).macs == before.macs
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_analytic_equals_flopcounter(name: str, batch: int, converted_models) -> None:
+    recipe, kwargs = ARCHS[name]
+    _check_agreement(*_pair(converted_models, name, recipe, kwargs), batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("name", list(SLOW_ARCHS))
+def test_analytic_equals_flopcounter_more_families(name: str, batch: int, converted_models) -> None:
+    recipe, kwargs = SLOW_ARCHS[name]
+    _check_agreement(*_pair(converted_models, name, recipe, kwargs), batch)
+
+
+def test_vit_attention_is_counted_on_cpu() -> None:
+    # torch's FlopCounterMode has no formula for the CPU attention kernel; dynify adds
+    # torch's own, so attention's 2 x B x heads x N^2 x d MACs per block are included.
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32).eval()
+    report = cost.count(model, input_size=(3, 32, 32))
+    tokens, heads, dim, blocks = 4 + 1, 3, 64, 12
+    attention = [r for r in report.rows if r.kind == "attention"]
+    assert len(attention) == blocks
+    assert all(r.macs == 2 * heads * tokens * tokens * dim for r in attention)
+    assert report.flops == cost.measure_flops(model, input_size=(3, 32, 32), device="cpu")
+
+
+# -- published figures --------------------------------------------------------------------------
+
+# torchvision's weight metadata (``weights.meta["_ops"]`` in GMACs, ``["num_params"]``) for
+# the same architectures as timm's; timm's model cards round to one decimal.
+PUBLISHED = {
+    "resnet50": (4.089, 25_557_032, 4.1),
+    "mobilenetv2_100": (0.301, 3_504_872, 0.3),
+}
+PUBLISHED_SLOW = {
+    "resnet18": (1.814, 11_689_512, 1.8),
+    "efficientnet_b0": (0.386, 5_288_548, 0.4),
+    "mobilenetv3_large_100": (0.217, 5_483_032, 0.2),
+}
+
+
+def _check_published(name: str, gmacs: float, params: int, card: float) -> None:
+    report = cost.count(timm.create_model(name), input_size=(3, 224, 224))
+    # torchvision gives three decimals, timm's cards one: equal at that precision.
+    assert round(report.macs / 1e9, 3) == gmacs
+    assert round(report.macs / 1e9, 1) == card
+    assert report.params == params
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_macs(name: str) -> None:
+    _check_published(name, *PUBLISHED[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PUBLISHED_SLOW))
+def test_published_macs_more(name: str) -> None:
+    _check_published(name, *PUBLISHED_SLOW[name])
+
+
+# -- plans: priced without building ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet18_trace():
+    model = timm.create_model("resnet18").eval()
+    return model, dynify.trace_model(model, input_size=SMALL)
+
+
+@pytest.mark.parametrize("recipe", ["dycnn", "mobile", "all"])
+def test_plan_price_equals_built_model(recipe: str, resnet18_trace) -> None:
+    model, trace = resnet18_trace
+    plan = dynify.make_plan(trace, recipe)
+    converted = dynify.apply(model, plan)
+    priced = cost.count(plan, batch_size=4)
+    built = cost.count(converted, input_size=SMALL, batch_size=4)  # a fresh forward pass
+    assert (priced.macs, priced.params, priced.extra_ops) == (
+        built.macs,
+        built.params,
+        built.extra_ops,
+    )
+    fast = cost.price(plan, batch_size=4)
+    assert (fast.macs, fast.params, fast.extra_ops) == (priced.macs, priced.params,
+                                                        priced.extra_ops)  # fmt: skip
+
+
+def test_plan_round_trip_keeps_its_price(resnet18_trace) -> None:
+    _, trace = resnet18_trace
+    plan = dynify.make_plan(trace, "dycnn")
+    again = dynify.Plan.from_dict(plan.to_dict())
+    assert again.op_counts is not None
+    assert cost.count(again).totals == cost.count(plan).totals
+
+
+def test_plan_at_another_input_size_is_refused(resnet18_trace) -> None:
+    _, trace = resnet18_trace
+    with pytest.raises(DynifyError, match="traced at input size"):
+        cost.count(dynify.make_plan(trace, "dycnn"), input_size=(3, 32, 32))
+
+
+def test_converted_model_counted_at_another_size(resnet18_trace) -> None:
+    model, trace = resnet18_trace
+    converted = dynify.apply(model, dynify.make_plan(trace, "dycnn"))
+    other = cost.count(converted, input_size=(3, 32, 32))
+    assert other.input_size == (3, 32, 32)
+    assert other.flops == cost.measure_flops(converted, input_size=(3, 32, 32), device="cpu")
+
+
+def test_plan_without_op_counts_prices_its_convs(resnet18_trace) -> None:
+    _, trace = resnet18_trace
+    data = dynify.make_plan(trace, "dycnn").to_dict()
+    data.pop("op_counts")
+    old = cost.count(dynify.Plan.from_dict(data))
+    full = cost.count(dynify.make_plan(trace, "dycnn"))
+    assert not old.complete
+    assert old.macs == full.macs - 512 * 1000  # everything but the classifier
+
+
+def test_pricing_many_plans_is_fast(resnet18_trace) -> None:
+    import time
+
+    _, trace = resnet18_trace
+    plan = dynify.make_plan(trace, "dycnn")
+    cost.price(plan)
+    start = time.perf_counter()
+    for _ in range(100):
+        cost.price(plan)
+    # Loose bound (a shared CI machine); bench/cost.py measures the real figure.
+    assert (time.perf_counter() - start) / 100 < 0.02
+
+
+# -- budgets ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value"),
+    [
+        ("600MFLOPs", "flops", 600e6),
+        ("0.6GFLOPs", "flops", 0.6e9),
+        ("600 mflops", "flops", 600e6),
+        ("300MMACs", "macs", 300e6),
+        ("4.1 GMACs", "macs", 4.1e9),
+        ("25Mparams", "params", 25e6),
+        ("25 M params", "params", 25e6),
+        ("1e6params", "params", 1e6),
+        ("3ms", "latency", 0.003),
+        ("3 MS", "latency", 0.003),
+        ("0.5s", "latency", 0.5),
+        ("250us", "latency", 250e-6),
+        ("2TFLOP", "flops", 2e12),
+        ("800KMACs", "macs", 800e3),
+    ],
+)
+def test_budget_parsing(text: str, kind: str, value: float) -> None:
+    budget = cost.parse_budget(text)
+    assert budget.kind == kind
+    assert budget.value == pytest.approx(value, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "text", ["600", "600M", "600 MB", "-1GFLOPs", "0MACs", "abc", "", "3 hours", "6OOMFLOPs",
+             "1.2.3GFLOPs", "nanFLOPs", "GFLOPs", "5 XFLOPs"],
+)  # fmt: skip
+def test_bad_budget_is_one_clear_line(text: str) -> None:
+    with pytest.raises(DynifyError) as info:
+        cost.parse_budget(text)
+    message = str(info.value)
+    assert "\n" not in message
+    assert repr(text) in message
+    assert "600MFLOPs" in message and "3ms" in message  # the accepted forms
+
+
+def test_budget_against_a_report() -> None:
+    report = cost.count(TinyNet(), input_size=(3, 8, 8))
+    assert cost.parse_budget(f"{2 * TINY_MACS}FLOPs").fits(report)
+    assert not cost.parse_budget(f"{TINY_MACS - 1}MACs").fits(report)
+    assert cost.parse_budget("349params").fits(report)
+    with pytest.raises(DynifyError, match="latency"):
+        cost.parse_budget("3ms").fits(report)
+    assert str(cost.parse_budget("0.6GFLOPs")) == "600 MFLOPs"
+
+
+# -- latency --------------------------------------------------------------------------------------
+
+
+def test_latency_and_side_by_side() -> None:
+    model = TinyNet()
+    result = cost.latency(model, (3, 8, 8), device="cpu", batch_size=2, warmup=1, repeats=5)
+    assert len(result.times) == 5 and result.median > 0
+    assert result.batch_size == 2 and result.device == "cpu"
+    converted = nn.Sequential(DynamicConv2d(3, 8, 3, padding=1), nn.Flatten())
+    cmp = cost.compare_latency(model, converted, (3, 8, 8), device="cpu", warmup=1, repeats=4)
+    assert len(cmp.ratios) == 4
+    assert min(cmp.ratios) <= cmp.ratio <= max(cmp.ratios)
+    assert cmp.static.median > 0 and cmp.converted.median > 0
+    assert "ratio" in str(cmp)
+    with pytest.raises(DynifyError):
+        cost.latency(model, (3, 8), device="cpu")
+
+
+def test_format_totals_says_units(resnet18_trace) -> None:
+    _, trace = resnet18_trace
+    plan = dynify.make_plan(trace, "dycnn")
+    text = cost.format_totals(cost.count(plan, static=True), cost.count(plan))
+    assert "FLOPs = 2 x MACs" in text
+    assert "MACs" in text and "params" in text
+    assert "FLOPs = 2 x MACs" in cost.count(plan).summary()
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def test_cli_inspect(capsys) -> None:
+    from dynify.cli import main
+
+    code = main(["inspect", "resnet18", "--input-size", "3,32,32", "--device", "cpu",
+                 "--budget", "100MFLOPs"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "layer1.0.conv1" in out and "dynamic" in out
+    assert "FLOPs = 2 x MACs" in out
+    assert "equal to the count" in out
+    assert "budget 100 MFLOPs: static fits, converted does not fit" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("resnet5O",), "unknown model"),
+        (("resnet18", "--budget", "600 MB"), "budget '600 MB'"),
+        (("resnet18", "--input-size", "3,32"), "input size"),
+        (("resnet18", "--recipe", "dycn"), "recipe 'dycn'"),
+    ],
+)
+def test_cli_inspect_errors_are_one_line(args: tuple[str, ...], needle: str, capsys) -> None:
+    from dynify.cli import main
+
+    assert main(["inspect", *args]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert needle in lines[0]
+
+
+def test_cli_exit_status_from_the_shell() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynify", "inspect", "resnet18", "--budget", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "budget 'lots'" in proc.stderr
