@@ -210,8 +210,14 @@ class _DynamicConvFunction(torch.autograd.Function):
         x, routing, weight = ctx.saved_tensors
         strategy, stride, padding, dilation, groups, max_kernel_bytes = ctx.conf
         need_x, need_routing, need_weight = ctx.needs_input_grad[:3]
+        # Under autocast the forward computed in a lower precision (grad_out's dtype) than
+        # the saved float32 tensors; backward runs outside autocast, so cast explicitly (a
+        # no-op without autocast). Gradients are accumulated in each input's own dtype.
+        dtype = grad_out.dtype
         k = weight.shape[0]
         flat_weight = weight.reshape(k, -1)
+        weight_c = weight.to(dtype)
+        flat_weight_c = flat_weight.to(dtype)
         batch = x.shape[0]
         chunk = _chunk_size(batch, weight, max_kernel_bytes)
         grad_x = torch.empty_like(x) if need_x else None
@@ -220,10 +226,10 @@ class _DynamicConvFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous(memory_format=_memory_format_of(x))
         for start in range(0, batch, chunk):
             part = slice(start, min(start + chunk, batch))
-            kernels = mix_kernels(routing[part], weight)
+            kernels = mix_kernels(routing[part].to(dtype), weight_c)
             gx, gw = _conv_chunk_backward(
                 grad_out[part],
-                x[part],
+                x[part].to(dtype),
                 kernels,
                 strategy,
                 stride,
@@ -236,9 +242,9 @@ class _DynamicConvFunction(torch.autograd.Function):
             if grad_x is not None:
                 grad_x[part] = gx
             if grad_routing is not None:
-                grad_routing[part] = gw @ flat_weight.t()
+                grad_routing[part] = gw @ flat_weight_c.t()
             if grad_weight is not None:
-                grad_weight.addmm_(routing[part].t(), gw)
+                grad_weight.addmm_(routing[part].t().to(weight.dtype), gw.to(weight.dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.reshape(weight.shape)
         return grad_x, grad_routing, grad_weight, None, None, None, None, None, None
