@@ -245,6 +245,26 @@ def test_distillation_trains_the_student_only(splits: Path) -> None:
     assert not torch.equal(student.fc.weight.cpu(), teacher.fc.weight.cpu())
 
 
+def test_mixed_precision_and_channels_last(splits: Path) -> None:
+    """The GPU defaults (autocast, NHWC) exercised on the CPU with bfloat16."""
+    student = tiny_model()
+    result = finetune(
+        model=student,
+        data=splits,
+        epochs=1,
+        amp=True,
+        channels_last=True,
+        teacher=tiny_model(convert=False),
+        train_images=32,
+        val_images=16,
+        **FAST,
+    )
+    assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+    assert student.fc.weight.dtype == torch.float32
+    stem = student.conv1[0].weight
+    assert stem.is_contiguous(memory_format=torch.channels_last)
+
+
 # -- command line ---------------------------------------------------------------------------
 
 

@@ -359,8 +359,9 @@ class _Run:
                     "sync_bn (--sync-bn) needs GPUs: torch's SyncBatchNorm has no CPU path"
                 )
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
-        self.model.to(self.device, memory_format=memory_format)
+        self.model.to(self.device)
+        if self.channels_last:
+            _channels_last(self.model)
         try:
             self.optimizer = create_optimizer_v2(
                 self.model,
@@ -400,8 +401,9 @@ class _Run:
 
         criterion_kwargs = {"smoothing": self.settings["smoothing"]}
         if self.teacher is not None:
-            memory_format = torch.channels_last if self.channels_last else torch.preserve_format
-            self.teacher.to(self.device, memory_format=memory_format).eval()
+            self.teacher.to(self.device).eval()
+            if self.channels_last:
+                _channels_last(self.teacher)
             self.teacher.requires_grad_(False)
             task: nn.Module = LogitDistillationTask(
                 student_model=self.model,
@@ -643,6 +645,19 @@ class _Run:
         from tqdm.auto import tqdm
 
         tqdm.write(line)
+
+
+def _channels_last(model: nn.Module) -> None:
+    """NHWC layout for every 4-D parameter and buffer. ``Module.to(memory_format=...)`` would
+    also try to convert the 5-D expert kernels of dynamic layers, and fail."""
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+            for name, b in module.named_buffers(recurse=False):
+                if b.dim() == 4:
+                    setattr(module, name, b.contiguous(memory_format=torch.channels_last))
 
 
 def _seed_everything(seed: int) -> None:
