@@ -411,6 +411,7 @@ def trace_model(
 
     sites = []
     ordered = order + [n for n in names if n not in in_shapes]
+    example_ptr = example.data_ptr()
     for name in ordered:
         module = modules[name]
         t = conv_time.get(name)
@@ -426,6 +427,9 @@ def trace_model(
             stem = name == order[0]
         else:
             stem = t < first_block_time and not (first_stage and name.startswith(first_stage + "."))
+        # A conv that reads the network's input is stem wherever it sits (RepVGG's stem is a
+        # block whose 3x3 and 1x1 convs both read the image).
+        stem = stem or (t is not None and input_ptr.get(name) == example_ptr)
         unsupported = _unsupported_reason(module)
         if unsupported is None and name not in in_shapes:
             unsupported = "not called in the example forward pass"

@@ -1,0 +1,444 @@
+"""Recipes: selectors, priority, strict mode, validation errors, loading, and plans.
+
+Selectors are tested on hand-made conv sites (no tracing), so each condition is checked
+against values written here; a few tests resolve bundled recipes on a real resnet18 trace.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import timm
+import yaml
+
+import dynify
+from dynify._resources import bundled_dir, bundled_names
+from dynify.errors import DynifyError
+from dynify.plan import Plan, resolve_plan
+from dynify.recipe import LayerSettings, Recipe, Rule, Selector, load_recipe
+from dynify.schedule import TemperatureSchedule
+from dynify.trace import ConvSite, ModelTrace, trace_model
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ("all", "condconv", "dycnn", "mobile")
+
+
+def site(name: str, **kw) -> ConvSite:
+    base = dict(
+        type_name="Conv2d",
+        in_channels=16,
+        out_channels=32,
+        kernel_size=(3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        groups=1,
+        bias=False,
+        input_shape=(16, 8, 8),
+        output_shape=(32, 8, 8),
+        calls=1,
+        found_by="fx",
+    )
+    base.update(kw)
+    return ConvSite(name=name, **base)
+
+
+# A small made-up network: stem, two stages of blocks, a conv classifier.
+SITES = [
+    site("stem.conv", in_channels=3, stride=(2, 2), stem=True, stage=0),
+    site("s1.0.pw", kernel_size=(1, 1), padding=(0, 0), stage=1, block="s1.0",
+         first_in_block=True),
+    site("s1.0.dw", in_channels=32, groups=32, stage=1, block="s1.0"),
+    site("s1.0.pwl", in_channels=32, out_channels=24, kernel_size=(1, 1), padding=(0, 0),
+         stage=1, block="s1.0", last_in_block=True),
+    site("s2.0.conv1", type_name="Conv2dSame", in_channels=24, out_channels=64,
+         stride=(2, 2), padding=(0, 0), stage=2, block="s2.0", first_in_block=True),
+    site("s2.0.conv2", in_channels=64, out_channels=64, dilation=(2, 2), padding=(2, 2),
+         groups=4, stage=2, block="s2.0", last_in_block=True),
+    site("s2.0.down", in_channels=24, out_channels=64, kernel_size=(1, 1), padding=(0, 0),
+         stride=(2, 2), stage=2, block="s2.0"),
+    site("head.fc", in_channels=64, out_channels=10, kernel_size=(1, 1), padding=(0, 0),
+         bias=True, classifier=True),
+]  # fmt: skip
+TRACE = ModelTrace(input_size=(3, 16, 16), sites=SITES, num_stages=3)
+
+
+def selected(select: dict) -> list[str]:
+    recipe = load_recipe({"defaults": {"convert": False}, "rules": [
+        {"select": select, "convert": True}]})  # fmt: skip
+    return [lp.name for lp in resolve_plan(TRACE, recipe).converted]
+
+
+# -- selectors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("select", "expected"),
+    [
+        ({}, [s.name for s in SITES]),
+        ({"name": "s1.*"}, ["s1.0.pw", "s1.0.dw", "s1.0.pwl"]),
+        ({"name": ["stem.*", "*.down"]}, ["stem.conv", "s2.0.down"]),
+        ({"name": "s1"}, []),  # a glob on the whole path, not a prefix
+        ({"regex": r"s\d\.0\.pw.*"}, ["s1.0.pw", "s1.0.pwl"]),
+        ({"regex": "pw"}, []),  # full match, not search
+        ({"type": "Conv2dSame"}, ["s2.0.conv1"]),
+        ({"type": ["Conv2dSame", "StdConv2d"]}, ["s2.0.conv1"]),
+        ({"kernel_size": 1}, ["s1.0.pw", "s1.0.pwl", "s2.0.down", "head.fc"]),
+        ({"kernel_size": [3]}, ["stem.conv", "s1.0.dw", "s2.0.conv1", "s2.0.conv2"]),
+        ({"stride": 2}, ["stem.conv", "s2.0.conv1", "s2.0.down"]),
+        ({"dilation": 2}, ["s2.0.conv2"]),
+        ({"groups": 4}, ["s2.0.conv2"]),
+        ({"groups": [4, 32]}, ["s1.0.dw", "s2.0.conv2"]),
+        ({"depthwise": True}, ["s1.0.dw"]),
+        ({"depthwise": False, "stage": 1}, ["s1.0.pw", "s1.0.pwl"]),
+        ({"in_channels": 24}, ["s2.0.conv1", "s2.0.down"]),
+        ({"in_channels": {"min": 30, "max": 64}}, ["s1.0.dw", "s1.0.pwl", "s2.0.conv2",
+                                                   "head.fc"]),
+        ({"out_channels": {"max": 24}}, ["s1.0.pwl", "head.fc"]),
+        ({"out_channels": {"min": 64}}, ["s2.0.conv1", "s2.0.conv2", "s2.0.down"]),
+        ({"stem": True}, ["stem.conv"]),
+        ({"stage": 2}, ["s2.0.conv1", "s2.0.conv2", "s2.0.down"]),
+        ({"stage": -1}, ["s2.0.conv1", "s2.0.conv2", "s2.0.down"]),  # from the last
+        ({"stage": [0, -2]}, ["stem.conv", "s1.0.pw", "s1.0.dw", "s1.0.pwl"]),
+        ({"block": "s2.*"}, ["s2.0.conv1", "s2.0.conv2", "s2.0.down"]),
+        ({"first_in_block": True}, ["s1.0.pw", "s2.0.conv1"]),
+        ({"last_in_block": True}, ["s1.0.pwl", "s2.0.conv2"]),
+        ({"last_in_block": True, "kernel_size": 1}, ["s1.0.pwl"]),  # conditions AND
+        ({"classifier": True}, ["head.fc"]),
+        ({"classifier": False, "stem": False, "block": "*"},
+         ["s1.0.pw", "s1.0.dw", "s1.0.pwl", "s2.0.conv1", "s2.0.conv2", "s2.0.down"]),
+    ],
+)  # fmt: skip
+def test_selector(select: dict, expected: list[str]) -> None:
+    assert selected(select) == expected
+
+
+def test_non_square_kernel_matches_no_single_size() -> None:
+    odd = site("odd", kernel_size=(1, 3))
+    assert not Selector(kernel_size=(1,)).matches(odd)
+    assert not Selector(kernel_size=(3,)).matches(odd)
+    assert Selector(kernel_size=(3,)).matches(site("sq"))
+
+
+def test_selector_round_trips_through_dict() -> None:
+    sel = Selector(name=("a*", "b"), kernel_size=(1,), in_channels=(4, 8), stage=(-1,))
+    recipe = Recipe(rules=(Rule(select=sel, settings={"experts": 2}),))
+    again = load_recipe(recipe.to_dict())
+    assert again.rules[0].select == sel
+    assert again.rules[0].settings == {"experts": 2}
+
+
+# -- priority -----------------------------------------------------------------------------
+
+
+def test_later_rule_overrides_earlier_field_by_field() -> None:
+    recipe = load_recipe(
+        {
+            "defaults": {"experts": 4, "reduction": 4, "attention": "softmax"},
+            "rules": [
+                {"select": {"stage": [1, 2]}, "experts": 8, "reduction": 16},
+                {"select": {"kernel_size": 1}, "experts": 2},
+                {"select": {"name": "s1.0.pwl"}, "attention": "sigmoid", "temperature": 5},
+                {"select": {"stem": True}, "convert": False},
+                {"select": {"name": "stem.*"}, "experts": 6},  # convert stays False
+            ],
+        }
+    )
+    plan = resolve_plan(TRACE, recipe)
+    s = {lp.name: lp.settings for lp in plan.layers}
+    assert (s["s1.0.dw"].experts, s["s1.0.dw"].reduction) == (8, 16)
+    assert (s["s1.0.pw"].experts, s["s1.0.pw"].reduction) == (2, 16)  # rule 2 over rule 1
+    pwl = s["s1.0.pwl"]
+    assert (pwl.experts, pwl.reduction, pwl.attention) == (2, 16, "sigmoid")
+    assert pwl.temperature == TemperatureSchedule.constant(5)
+    assert s["head.fc"].experts == 2 and s["head.fc"].reduction == 4  # only rule 2
+    assert not s["stem.conv"].convert and s["stem.conv"].experts == 6
+    assert s["s2.0.conv2"] == LayerSettings(experts=8, reduction=16)
+    # The reason names the rule that decided convert (else the defaults).
+    assert plan.layer("stem.conv").reason == "rule 4"
+    assert plan.layer("s1.0.dw").reason == "defaults"
+
+
+def test_last_matching_convert_wins() -> None:
+    rules = [
+        {"select": {}, "convert": False},
+        {"select": {"stage": 2}, "convert": True, "name": "late"},
+        {"select": {"name": "s2.0.down"}, "convert": False, "name": "no shortcut"},
+    ]
+    plan = resolve_plan(TRACE, load_recipe({"rules": rules}))
+    assert [lp.name for lp in plan.converted] == ["s2.0.conv1", "s2.0.conv2"]
+    assert plan.layer("s2.0.down").reason == "rule 3 (no shortcut)"
+    assert plan.layer("s2.0.conv1").reason == "rule 2 (late)"
+
+
+def test_unsupported_site_is_never_converted() -> None:
+    cond = site("cond", type_name="CondConv2d", unsupported="already dynamic (timm CondConv2d)")
+    trace = ModelTrace(input_size=(3, 8, 8), sites=[cond])
+    plan = resolve_plan(trace, load_recipe("all"))
+    assert plan.converted == [] and plan.layer("cond").reason == cond.unsupported
+    assert plan.layer("cond").params_after == plan.layer("cond").params_before
+
+
+# -- strict mode --------------------------------------------------------------------------
+
+
+def test_strict_fails_on_a_rule_matching_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - select: {stem: true}\n"
+        "    convert: false\n"
+        "  - name: nothing here\n"
+        "    select: {kernel_size: 7}\n"
+        "    experts: 2\n"
+        "strict: true\n"
+    )
+    with pytest.raises(DynifyError) as err:
+        resolve_plan(TRACE, load_recipe(path))
+    msg = str(err.value)
+    assert f"{path}:4" in msg and "rule 2 (nothing here)" in msg and "kernel_size" in msg
+    # strict=False from the caller overrides the recipe; and the reverse.
+    assert resolve_plan(TRACE, load_recipe(path), strict=False).layers
+    loose = load_recipe({"rules": [{"select": {"kernel_size": 7}, "experts": 2}]})
+    assert resolve_plan(TRACE, loose).layers
+    with pytest.raises(DynifyError, match=r"inline: rule 1 matches no conv"):
+        resolve_plan(TRACE, loose, strict=True)
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(DynifyError) as err:
+        load_recipe(write(tmp_path, text))
+    return str(err.value)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "defaults:\n  experts: 4\nrules:\n  - select: {stem: true\n")
+    assert msg.startswith(f"{tmp_path / 'recipe.yaml'}:")
+    assert "YAML syntax error" in msg
+    line = int(msg.split(":")[1])
+    assert line in (4, 5)
+    assert "\n" not in msg
+
+
+def test_unknown_key_names_line_and_nearest_key(tmp_path: Path) -> None:
+    text = "defaults:\n  experts: 4\nrules:\n  - select:\n      kernal_size: 1\n    experts: 8\n"
+    msg = error_of(tmp_path, text)
+    assert msg.startswith(f"{tmp_path / 'recipe.yaml'}:5: rules[0].select.kernal_size")
+    assert "did you mean 'kernel_size'" in msg
+    msg = error_of(tmp_path, "defaults:\n  expert: 4\n")
+    assert ":2: defaults.expert" in msg and "did you mean 'experts'" in msg
+    msg = error_of(tmp_path, "defualts: {}\n")
+    assert ":1: defualts" in msg and "did you mean 'defaults'" in msg
+    msg = error_of(tmp_path, "rules:\n  - select: {}\n    convert: true\n    temprature: 3\n")
+    assert ":4: rules[0].temprature" in msg and "did you mean 'temperature'" in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "what"),
+    [
+        ("defaults:\n  experts: 0\n", ":2: defaults.experts", "integer >= 1, got 0"),
+        ("defaults:\n  experts: four\n", ":2: defaults.experts", "got 'four'"),
+        ("defaults:\n  experts: 2.5\n", ":2: defaults.experts", "integer"),
+        ("defaults:\n  reduction: true\n", ":2: defaults.reduction", "integer"),
+        ("defaults:\n  attention: softmaxx\n", ":2: defaults.attention",
+         "did you mean 'softmax'"),
+        ("defaults:\n  noise: -1\n", ":2: defaults.noise", ">= 0"),
+        ("defaults:\n  temperature: {shape: cosin}\n", "defaults.temperature.shape",
+         "did you mean 'cosine'"),
+        ("defaults:\n  temperature: {start: 0}\n", "defaults.temperature.start", "> 0"),
+        ("defaults:\n  temperature: -3\n", "defaults.temperature", "> 0"),
+        ("defaults:\n  temperature: {unit: epochs}\n", "defaults.temperature.unit",
+         "did you mean 'epoch'"),
+        ("defaults:\n  convert: yes please\n", "defaults.convert", "true or false"),
+        ("rules:\n  - select: {in_channels: {min: 64, max: 32}}\n    experts: 2\n",
+         ":2: rules[0].select.in_channels", "empty range: min 64 > max 32"),
+        ("rules:\n  - select: {out_channels: 0}\n    experts: 2\n",
+         "rules[0].select.out_channels", ">= 1"),
+        ("rules:\n  - select: {kernel_size: []}\n    experts: 2\n",
+         "rules[0].select.kernel_size", "non-empty list"),
+        ("rules:\n  - select: {type: conv2d}\n    experts: 2\n", "rules[0].select.type",
+         "did you mean 'Conv2d'"),
+        ("rules:\n  - select: {regex: 'a('}\n    experts: 2\n", "rules[0].select.regex",
+         "invalid regular expression"),
+        ("rules:\n  - select: {stem: 1}\n    experts: 2\n", "rules[0].select.stem",
+         "true or false"),
+        ("rules:\n  - select: {stem: true}\n", ":2: rules[0]", "must set at least one"),
+        ("rules:\n  - select: stem\n    experts: 2\n", "rules[0].select", "expected a mapping"),
+        ("rules: {select: {}}\n", "rules", "expected a list"),
+        ("version: 2\n", ":1: version", "unsupported recipe version"),
+        ("strict: maybe\n", "strict", "true or false"),
+        ("- 1\n- 2\n", "recipe.yaml", "expected a mapping"),
+        ("", "recipe.yaml:1", "the recipe is empty"),
+        ("defaults: {experts: 2}\ndefaults: {experts: 3}\n", ":2: defaults", "duplicate key"),
+    ],
+)  # fmt: skip
+def test_validation_errors(tmp_path: Path, text: str, where: str, what: str) -> None:
+    msg = error_of(tmp_path, text)
+    assert where in msg and what in msg
+    assert msg.startswith(str(tmp_path / "recipe.yaml"))
+    assert "\n" not in msg
+
+
+def test_dict_recipe_errors_name_the_key_path() -> None:
+    with pytest.raises(DynifyError, match=r"defaults\.experts: expected an integer >= 1"):
+        load_recipe({"defaults": {"experts": -2}})
+    with pytest.raises(DynifyError, match=r"did you mean 'kernel_size'"):
+        load_recipe({"rules": [{"select": {"kernelsize": 3}, "experts": 2}]})
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+def test_load_by_bundled_name_path_dict_and_recipe(tmp_path: Path) -> None:
+    by_name = load_recipe("mobile")
+    assert by_name.source is not None and Path(by_name.source).name == "mobile.yaml"
+    assert load_recipe("mobile.yaml") == by_name
+    by_path = load_recipe(ROOT / "recipes" / "mobile.yaml")
+    assert by_path.rules == by_name.rules and by_path.defaults == by_name.defaults
+    assert load_recipe(str(ROOT / "recipes" / "mobile.yaml")).rules == by_name.rules
+    as_dict = yaml.safe_load((ROOT / "recipes" / "mobile.yaml").read_text())
+    from_dict = load_recipe(as_dict)
+    assert from_dict.defaults == by_name.defaults
+    assert [r.select for r in from_dict.rules] == [r.select for r in by_name.rules]
+    assert from_dict.label == "inline" and by_name.label == "mobile"
+    assert load_recipe(by_name) is by_name
+    assert load_recipe(None).label == "dycnn"
+    # A file in the current folder wins over a bundled recipe of the same name.
+    local = tmp_path / "mobile.yaml"
+    local.write_text("defaults: {experts: 7}\n")
+    assert load_recipe(local).defaults.experts == 7
+
+
+def test_unknown_bundled_name_lists_the_bundled_recipes() -> None:
+    with pytest.raises(DynifyError) as err:
+        load_recipe("mobil")
+    msg = str(err.value)
+    assert "neither a file nor a bundled recipe" in msg and "did you mean 'mobile'" in msg
+    assert "bundled recipes: all, condconv, dycnn, mobile" in msg
+    with pytest.raises(DynifyError, match="neither a file nor a bundled recipe"):
+        load_recipe("some/dir/missing.yaml")
+    with pytest.raises(DynifyError, match="got int"):
+        load_recipe(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_recipe_loads_and_has_a_comment_header(name: str) -> None:
+    assert set(BUNDLED) <= set(bundled_names("recipes"))
+    path = bundled_dir("recipes") / f"{name}.yaml"
+    lines = path.read_text().splitlines()
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert header and header[0].startswith(f"# {name}:")
+    assert len(" ".join(header)) > 80  # says what it is for, not just a title
+    recipe = load_recipe(name)
+    assert recipe.description
+    assert load_recipe(recipe.to_dict()).rules == tuple(
+        Rule(select=r.select, settings=r.settings, name=r.name) for r in recipe.rules
+    )
+
+
+# -- bundled recipes on a real model ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet18_trace() -> ModelTrace:
+    return trace_model(timm.create_model("resnet18").eval(), input_size=(3, 64, 64))
+
+
+def test_bundled_recipes_on_resnet18(resnet18_trace: ModelTrace) -> None:
+    names = [s.name for s in resnet18_trace]
+    dycnn = resolve_plan(resnet18_trace, load_recipe("dycnn"))
+    assert [lp.name for lp in dycnn.converted] == names[1:]  # all but conv1
+    first = dycnn.converted[0].settings
+    assert (first.experts, first.reduction, first.attention) == (4, 4, "softmax")
+    assert first.temperature == TemperatureSchedule(30, 1, 10, "linear", "epoch")
+
+    mobile = resolve_plan(resnet18_trace, load_recipe("mobile"))
+    assert [lp.name for lp in mobile.converted] == [
+        f"layer{i}.{j}.conv2" for i in range(1, 5) for j in range(2)
+    ]
+    everything = resolve_plan(resnet18_trace, load_recipe("all"))
+    assert len(everything.converted) == len(names) == 20
+
+    cc = resolve_plan(resnet18_trace, load_recipe("condconv"))
+    assert [lp.name for lp in cc.converted] == [
+        n for n in names if n.startswith(("layer3.", "layer4."))
+    ]
+    assert {(lp.settings.experts, lp.settings.attention) for lp in cc.converted} == {(8, "sigmoid")}
+
+
+# -- plans --------------------------------------------------------------------------------
+
+
+def test_plan_to_recipe_reproduces_the_plan(resnet18_trace: ModelTrace, tmp_path: Path) -> None:
+    recipe = load_recipe(
+        {
+            "rules": [
+                {"select": {"stem": True}, "convert": False},
+                {"select": {"stage": -1}, "experts": 6, "attention": "sigmoid"},
+                {"select": {"name": "layer2.*"}, "temperature": {"start": 10, "shape": "cosine"}},
+                {"select": {"kernel_size": 1}, "convert": False},
+            ]
+        }
+    )
+    plan = resolve_plan(resnet18_trace, recipe)
+    again = resolve_plan(resnet18_trace, plan.to_recipe())
+    assert [lp.settings for lp in again.converted] == [lp.settings for lp in plan.converted]
+    assert [lp.name for lp in again.converted] == [lp.name for lp in plan.converted]
+    # ...also through YAML text, as a user would keep it.
+    path = tmp_path / "frozen.yaml"
+    path.write_text(plan.to_recipe(description="frozen").to_yaml(header="frozen plan"))
+    assert path.read_text().startswith("# frozen plan\n")
+    from_file = resolve_plan(resnet18_trace, load_recipe(path))
+    assert [(lp.name, lp.settings) for lp in from_file.converted] == [
+        (lp.name, lp.settings) for lp in plan.converted
+    ]
+
+
+def test_plan_round_trips_through_dict(resnet18_trace: ModelTrace) -> None:
+    plan = resolve_plan(resnet18_trace, load_recipe("mobile"))
+    again = Plan.from_dict(plan.to_dict())
+    assert again.layers == plan.layers
+    assert again.input_size == plan.input_size and again.recipe == "mobile"
+
+
+def test_plan_table_and_parameter_counts(resnet18_trace: ModelTrace) -> None:
+    plan = resolve_plan(resnet18_trace, load_recipe("dycnn"))
+    lp = plan.layer("layer1.0.conv1")  # 64->64 3x3, no bias; attention 64->16->4
+    assert lp.params_before == 64 * 64 * 9
+    assert lp.params_after == 4 * 64 * 64 * 9 + (64 * 16 + 16) + (16 * 4 + 4)
+    assert plan.layer("conv1").params_after == plan.layer("conv1").params_before
+    table = plan.table()
+    assert "layer1.0.conv1" in table and "19/20 dynamic" in table
+    assert f"{plan.params_before:,}" in table and f"{plan.params_after:,}" in table
+    first_cells = [r.split()[0] for r in table.splitlines()[2:] if not r.startswith("-")]
+    assert first_cells[:2] == ["conv1", "layer1.0.conv1"] and first_cells[-1] == "total"
+    only = plan.table(only_converted=True).splitlines()[2:]
+    only = [r.split()[0] for r in only if not r.startswith("-")]
+    assert "conv1" not in only and len(only) == 19 + 1
+
+
+def test_make_plan_matches_apply(resnet18_trace: ModelTrace) -> None:
+    model = timm.create_model("resnet18").eval()
+    plan = dynify.make_plan(model, "mobile", input_size=(3, 64, 64))
+    assert plan.model_name == "resnet18"
+    converted = dynify.apply(model, "mobile", input_size=(3, 64, 64))
+    assert [lp.name for lp in dynify.plan_of(converted).converted] == [
+        lp.name for lp in plan.converted
+    ]
