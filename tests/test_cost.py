@@ -276,6 +276,23 @@ def test_converted_model_counted_at_another_size(resnet18_trace) -> None:
     assert other.flops == cost.measure_flops(converted, input_size=(3, 32, 32), device="cpu")
 
 
+def test_dynamic_model_without_plan_counts_like_its_plan(resnet18_trace) -> None:
+    import copy
+
+    model, trace = resnet18_trace
+    plan = dynify.make_plan(trace, "dycnn")
+    converted = dynify.apply(model, plan)
+    bare = copy.deepcopy(model)  # the same dynamic layers put in by hand: no plan attached
+    for name, module in converted.named_modules():
+        if isinstance(module, DynamicConv2d):
+            bare.set_submodule(name, module)
+    for batch in (1, 3):
+        scanned = cost.count(bare, input_size=SMALL, batch_size=batch)
+        priced = cost.count(plan, batch_size=batch)
+        assert scanned.totals == priced.totals
+        assert scanned.row("layer2.0.conv1").parts == priced.row("layer2.0.conv1").parts
+
+
 def test_plan_without_op_counts_prices_its_convs(resnet18_trace) -> None:
     _, trace = resnet18_trace
     data = dynify.make_plan(trace, "dycnn").to_dict()
