@@ -8,7 +8,7 @@ an artifact stores it, and ``Plan.to_recipe`` turns it back into a recipe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from dynify._opcount import OpCounts
@@ -183,14 +183,28 @@ class Plan:
     def to_recipe(self, *, description: str | None = None) -> Recipe:
         """A recipe that reproduces exactly this plan on the same model.
 
-        Every conv is named explicitly, so the recipe does not depend on selector details.
+        Convs are named explicitly, so the recipe does not depend on selector details. The
+        most common settings become the defaults (with ``convert: false``) and each other
+        combination one rule listing its convs, so the file stays short.
         """
-        rules = [Rule(select=Selector(), settings={"convert": False}, name="start all static")]
+        from collections import Counter
+
+        by_settings: dict[LayerSettings, list[str]] = {}
         for lp in self.converted:
-            settings = lp.settings.to_dict()
-            settings["temperature"] = lp.settings.temperature
-            rules.append(Rule(select=Selector(name=(lp.name,)), settings=settings))
-        return Recipe(rules=tuple(rules), description=description)
+            by_settings.setdefault(lp.settings, []).append(lp.name)
+        counts = Counter({s: len(names) for s, names in by_settings.items()})
+        common = counts.most_common(1)[0][0] if counts else LayerSettings()
+        defaults = replace(common, convert=False)
+        rules = []
+        for settings, names in by_settings.items():
+            changed: dict[str, Any] = {"convert": True}
+            for f in fields(LayerSettings):
+                value = getattr(settings, f.name)
+                if f.name != "convert" and value != getattr(defaults, f.name):
+                    changed[f.name] = value
+            label = f"K={settings.experts} r={settings.reduction} {settings.attention}"
+            rules.append(Rule(select=Selector(name=tuple(names)), settings=changed, name=label))
+        return Recipe(defaults=defaults, rules=tuple(rules), description=description)
 
 
 def resolve_plan(trace: ModelTrace, recipe: Recipe, *, strict: bool | None = None) -> Plan:

@@ -1,0 +1,167 @@
+"""Running a search: one process or several against one study, with progress lines.
+
+``search(settings)`` prepares (refusing an impossible budget before any training), creates or
+resumes the study, runs ``workers`` processes on this machine (one GPU each where there are
+several; other machines join with the same ``--storage`` and ``--study``), then writes the
+run folder and returns the summary. Rerunning the same command resumes: finished trials are
+kept, and a trial whose process died is retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from dynify.cost import format_count
+from dynify.errors import DynifyError
+from dynify.search.study import (
+    SearchContext,
+    SearchSettings,
+    finished,
+    open_study,
+    prepare,
+    run_worker,
+)
+
+__all__ = ["SearchOutcome", "search"]
+
+
+@dataclass
+class SearchOutcome:
+    study: optuna.Study
+    summary: str
+    context: SearchContext
+
+
+class _Progress:
+    """One line per finished trial: number, result, best so far, time used and left."""
+
+    def __init__(self, ctx: SearchContext, prefix: str = "") -> None:
+        self.ctx = ctx
+        self.prefix = prefix
+        self.start = time.monotonic()
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if not self.ctx.settings.progress:
+            return
+        total = self.ctx.settings.trials
+        done = finished(study)
+        what = str(trial.user_attrs.get("preset") or "sampled")
+        flops = trial.user_attrs.get("flops")
+        cost = f"{format_count(flops)}FLOPs" if flops is not None else "?"
+        if trial.state == TrialState.COMPLETE:
+            feasible = all(v <= 0 for v in trial.constraints.values())
+            result = f"{trial.values[0]:.2f}%" if feasible else "over budget"
+        elif trial.state == TrialState.PRUNED:
+            result = "pruned"
+        else:
+            result = trial.state.name.lower()
+        best = ""
+        try:
+            if len(study.directions) == 1:
+                b = study.best_trial
+                best = f" | best {b.values[0]:.2f}% (trial {b.number})"
+        except ValueError:
+            pass
+        used = time.monotonic() - self.start
+        durations = [t.duration.total_seconds() for t in done if t.duration]
+        left_n = max(total - len(done), 0)
+        left = (
+            (sum(durations) / len(durations)) * left_n / self.ctx.settings.workers
+            if durations
+            else 0.0
+        )
+        if self.ctx.settings.timeout is not None:
+            left = min(left, max(self.ctx.settings.timeout - used, 0.0))
+        print(
+            f"{self.prefix}trial {trial.number} ({len(done)}/{total}) {what}: {result}, {cost}"
+            f"{best} | {_clock(used)} used, ~{_clock(left)} left",
+            flush=True,
+        )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else (f"{seconds // 60}m{seconds % 60:02d}s")
+    )
+
+
+def _worker_main(settings: SearchSettings, index: int) -> None:
+    """Entry of a worker process (spawned): rebuild the context, run trials."""
+    try:
+        ctx = prepare(settings)
+        run_worker(ctx, on_trial=_Progress(ctx, prefix=f"[worker {index}] "))
+    except DynifyError as err:
+        print(f"[worker {index}] error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def search(settings: SearchSettings) -> SearchOutcome:
+    """Run (or resume) the search ``settings`` describe and write its run folder."""
+    ctx = prepare(settings)
+    study = open_study(ctx, create=True)
+    if settings.progress:
+        static = ctx.static_cost
+        print(
+            f"search {study.study_name}: {ctx.model_name} at "
+            f"{'x'.join(map(str, ctx.space.input_size))}, {len(ctx.groups)} groups "
+            f"({ctx.space.granularity}), static {format_count(static.flops)}FLOPs, "
+            f"budget {ctx.budget}, {len(finished(study))}/{settings.trials} trials done, "
+            f"device {ctx.device}, storage {_where(settings)}",
+            flush=True,
+        )
+    if settings.workers == 1:
+        run_worker(ctx, on_trial=_Progress(ctx))
+    else:
+        _run_processes(settings)
+    study = open_study(ctx, create=False)
+    from dynify.search.report import write_report
+
+    summary = write_report(study, ctx)
+    return SearchOutcome(study, summary, ctx)
+
+
+def _run_processes(settings: SearchSettings) -> None:
+    spawn = multiprocessing.get_context("spawn")
+    procs = []
+    gpus = torch.cuda.device_count()
+    for i in range(settings.workers):
+        worker_settings = settings
+        if gpus > 1 and (settings.device or "cuda").startswith("cuda"):
+            worker_settings = dataclasses.replace(settings, device=f"cuda:{i % gpus}")
+        p = spawn.Process(target=_worker_main, args=(worker_settings, i), daemon=False)
+        p.start()
+        procs.append(p)
+    failed = []
+    try:
+        for i, p in enumerate(procs):
+            p.join()
+            if p.exitcode != 0:
+                failed.append(f"worker {i} exited with {p.exitcode}")
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    if failed and len(failed) == len(procs):
+        raise DynifyError("every worker failed: " + "; ".join(failed))
+    for line in failed:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def _where(settings: SearchSettings) -> str:
+    from dynify.search.study import _redact
+
+    return (
+        _redact(settings.storage) if settings.storage else os.path.join(settings.output, "study.db")
+    )

@@ -1,0 +1,579 @@
+"""The budgeted search: an Optuna study over conversion plans.
+
+Each trial samples a plan (one decision per group of candidate convs, plus a temperature
+schedule) and prices it with the cost model first. The budget and the optional parameter and
+latency limits are recorded with ``Trial.set_constraint`` (positive = violated), so a plan
+over budget costs milliseconds and the sampler learns where the boundary is. A feasible plan
+is converted from the shared starting weights, fine-tuned for the space's per-trial budget,
+and scored on images held out from the training set; each epoch's accuracy is reported so the
+pruner (median) stops poor trials early. The static model and the bundled recipes that fit
+are enqueued first, so the search always matches or beats them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from dynify import cost
+from dynify._budget import Budget, parse_budget
+from dynify._resources import bundled_names
+from dynify.convert import apply
+from dynify.errors import DynifyError
+from dynify.plan import Plan, resolve_plan
+from dynify.recipe import LayerSettings, Recipe, Rule, Selector, load_recipe
+from dynify.schedule import TemperatureSchedule
+from dynify.search.space import SearchSpace, group_layers, load_space
+from dynify.trace import ModelTrace, trace_model
+
+__all__ = [
+    "OBJECTIVES",
+    "SearchContext",
+    "SearchSettings",
+    "make_storage",
+    "open_study",
+    "prepare",
+    "run_worker",
+]
+
+OBJECTIVES: tuple[str, ...] = ("accuracy", "latency", "params")
+# Bundled recipes tried as the first trials when they fit the budget.
+PRESET_RECIPES: tuple[str, ...] = ("dycnn", "mobile", "condconv")
+STATIC = "static"
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything a search run (and each of its worker processes) needs; plain data."""
+
+    budget: str
+    model: str | None = None
+    space: str | None = None
+    data: str | None = None
+    trials: int = 20
+    timeout: float | None = None
+    output: str = "runs/search"
+    storage: str | None = None
+    study: str | None = None
+    workers: int = 1
+    device: str | None = None
+    max_params: float | None = None
+    max_latency: str | None = None
+    objectives: tuple[str, ...] = ("accuracy",)
+    pretrained: bool = False
+    checkpoint: str | None = None
+    seed: int = 0
+    heartbeat: int = 60
+    data_cache: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class SearchContext:
+    """What every trial shares: resolved once per process by :func:`prepare`."""
+
+    settings: SearchSettings
+    space: SearchSpace
+    model_name: str
+    budget: Budget
+    max_latency: float | None
+    device: str
+    base: nn.Module
+    trace: ModelTrace
+    candidates: Plan
+    groups: dict[str, list[str]]
+    data: Any
+    static_plan: Plan
+    static_cost: cost.Totals
+    static_latency: float | None = None
+    fingerprint: str = ""
+    presets: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> Path:
+        return Path(self.settings.output)
+
+
+# -- set-up ---------------------------------------------------------------------------------
+
+
+def _device(requested: str | None) -> str:
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise DynifyError(f"--device {requested}: no CUDA device is available here")
+    if requested.split(":")[0] not in ("cpu", "cuda"):
+        raise DynifyError(f"--device must be cpu or cuda, got {requested!r}")
+    return requested
+
+
+def _objectives(names: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(n.strip().lower() for n in names if n.strip())
+    if not names or names[0] != "accuracy" or len(names) > 2 or len(set(names)) != len(names):
+        raise DynifyError(
+            f"--objectives {','.join(names)!r}: give 'accuracy', 'accuracy,latency' or "
+            "'accuracy,params'"
+        )
+    for n in names:
+        if n not in OBJECTIVES:
+            raise DynifyError(f"unknown objective {n!r}; accepted: {', '.join(OBJECTIVES)}")
+    return names
+
+
+def _weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of the starting weights, so workers can tell they share them."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().flatten()[:: max(1, t.numel() // 64)].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _split_data(spec: str, space: SearchSpace, cache: str | None) -> Any:
+    """Training images and a held-out set, both taken from the training split (the test split
+    is never used by the search), fixed by the space's seed."""
+    from torch.utils.data import Subset
+
+    from dynify.train import Data, load_data
+
+    full = load_data(spec, cache_dir=cache)
+    budget = space.training
+    n = len(full.train)
+    need = budget.val_images + (budget.train_images or 0)
+    if need > n or budget.val_images >= n:
+        raise DynifyError(
+            f"data {spec!r} has {n:,} training images; the space {space.label!r} asks for "
+            f"{budget.val_images:,} held out + {budget.train_images or 'the rest'} to train on"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(budget.seed)).tolist()
+    val = order[: budget.val_images]
+    rest = order[budget.val_images :]
+    train = rest[: budget.train_images] if budget.train_images else rest
+    return Data(
+        Subset(full.train, sorted(train)),
+        Subset(full.train, sorted(val)),
+        full.classes,
+        full.source,
+        f"{len(val):,} images held out from {full.source}",
+    )
+
+
+def prepare(settings: SearchSettings) -> SearchContext:
+    """Validate everything and build what the trials share; refuses an impossible budget
+    before any training."""
+    from dynify.models import create_model
+
+    space = load_space(settings.space)
+    budget = parse_budget(settings.budget)
+    max_latency = parse_budget(settings.max_latency).value if settings.max_latency else None
+    if settings.max_latency and parse_budget(settings.max_latency).kind != "latency":
+        raise DynifyError(f"--max-latency {settings.max_latency!r}: give a time such as 3ms")
+    if settings.max_params is not None and settings.max_params <= 0:
+        raise DynifyError(f"--max-params must be > 0, got {settings.max_params}")
+    if settings.trials < 1:
+        raise DynifyError(f"--trials must be >= 1, got {settings.trials}")
+    if settings.workers < 1:
+        raise DynifyError(f"--workers must be >= 1, got {settings.workers}")
+    _objectives(settings.objectives)
+    device = _device(settings.device)
+    model_name = settings.model or space.model
+    data_spec = settings.data or space.data
+    if not data_spec:
+        raise DynifyError(f"no data: give --data (the space {space.label!r} names none)")
+
+    data = _split_data(data_spec, space, settings.data_cache)
+    torch.manual_seed(settings.seed)  # the random init every trial starts from
+    base = create_model(
+        model_name,
+        pretrained=settings.pretrained,
+        checkpoint=settings.checkpoint,
+        num_classes=data.num_classes,
+    ).eval()
+    trace = trace_model(base, input_size=space.input_size)
+    candidates = resolve_plan(trace, space.candidates)
+    if not candidates.converted:
+        raise DynifyError(f"the space {space.label!r} selects no conv of {model_name}")
+    static_plan = resolve_plan(trace, Recipe(defaults=LayerSettings(convert=False)))
+    static_cost = cost.price(static_plan)
+    ctx = SearchContext(
+        settings=settings,
+        space=space,
+        model_name=model_name,
+        budget=budget,
+        max_latency=max_latency,
+        device=device,
+        base=base,
+        trace=trace,
+        candidates=candidates,
+        groups={
+            g: [lp.name for lp in lps]
+            for g, lps in group_layers(candidates, space.granularity).items()
+        },
+        data=data,
+        static_plan=static_plan,
+        static_cost=static_cost,
+        fingerprint=_weights_fingerprint(base),
+    )
+    _refuse_impossible(ctx)
+    ctx.presets = [STATIC] + [
+        name
+        for name in PRESET_RECIPES
+        if name in bundled_names("recipes")
+        and all(v <= 0 for v in _cost_constraints(ctx, _preset_plan(ctx, name)).values())
+    ]
+    return ctx
+
+
+def _static_latency(ctx: SearchContext) -> float:
+    if ctx.static_latency is None:
+        size = ctx.space.input_size
+        ctx.static_latency = cost.latency(ctx.base, size, device=ctx.device).median
+    return ctx.static_latency
+
+
+def _refuse_impossible(ctx: SearchContext) -> None:
+    size = "x".join(map(str, ctx.space.input_size))
+    what = f"{ctx.model_name} at {size}"
+    if ctx.budget.kind == "latency":
+        static = _static_latency(ctx)
+        if static > ctx.budget.value:
+            raise DynifyError(
+                f"budget {ctx.budget} is below the static model's own latency ({what}: "
+                f"{static * 1e3:.2f} ms on {ctx.device}); no plan can meet it"
+            )
+    else:
+        amount = _amount(ctx.budget.kind, ctx.static_cost)
+        if amount > ctx.budget.value:
+            shown = Budget(ctx.budget.kind, amount)
+            raise DynifyError(
+                f"budget {ctx.budget} is below the static model's own cost ({what}: {shown}); "
+                "no plan can meet it: raise the budget or pick a smaller model or input size"
+            )
+    if ctx.settings.max_params is not None and ctx.static_cost.params > ctx.settings.max_params:
+        raise DynifyError(
+            f"--max-params {ctx.settings.max_params:g} is below the static model's "
+            f"{ctx.static_cost.params:,} parameters; no plan can meet it"
+        )
+    if ctx.max_latency is not None and _static_latency(ctx) > ctx.max_latency:
+        raise DynifyError(
+            f"--max-latency {ctx.max_latency * 1e3:g} ms is below the static model's latency "
+            f"({_static_latency(ctx) * 1e3:.2f} ms on {ctx.device}); no plan can meet it"
+        )
+
+
+def _amount(kind: str, totals: cost.Totals) -> float:
+    return float({"flops": totals.flops, "macs": totals.macs, "params": totals.params}[kind])
+
+
+# -- plans from trials ----------------------------------------------------------------------
+
+
+def _schedule_from(trial: optuna.Trial, space: SearchSpace) -> TemperatureSchedule:
+    t = space.temperature
+    return TemperatureSchedule(
+        start=trial.suggest_categorical("temperature.start", list(t.start)),
+        end=trial.suggest_categorical("temperature.end", list(t.end)),
+        length=trial.suggest_categorical("temperature.length", list(t.length)),
+        shape=trial.suggest_categorical("temperature.shape", list(t.shape)),
+        unit=t.unit,  # type: ignore[arg-type]
+    )
+
+
+def sample_recipe(trial: optuna.Trial, ctx: SearchContext) -> Recipe:
+    """The recipe a trial's parameters describe: every candidate group gets an expert count
+    (1 = stays static) and, when dynamic, a reduction and an attention kind."""
+    space = ctx.space
+    schedule = _schedule_from(trial, space)
+    rules = [Rule(Selector(), {"convert": False}, name="static unless chosen")]
+    for group, names in ctx.groups.items():
+        experts = trial.suggest_categorical(f"experts.{group}", list(space.experts))
+        if experts == 1:
+            continue
+        reduction = trial.suggest_categorical(f"reduction.{group}", list(space.reduction))
+        attention = trial.suggest_categorical(f"attention.{group}", list(space.attention))
+        settings = {
+            "convert": True,
+            "experts": experts,
+            "reduction": reduction,
+            "attention": attention,
+            "temperature": schedule,
+        }
+        rules.append(Rule(Selector(name=tuple(names)), settings, name=group))
+    return Recipe(defaults=space.candidates.defaults, rules=tuple(rules))
+
+
+def _preset_plan(ctx: SearchContext, name: str) -> Plan:
+    if name == STATIC:
+        return ctx.static_plan
+    return resolve_plan(ctx.trace, load_recipe(name))
+
+
+def static_params(ctx: SearchContext) -> dict[str, Any]:
+    """Trial parameters that describe the static model (every group at one expert)."""
+    t = ctx.space.temperature
+    params: dict[str, Any] = {
+        "temperature.start": t.start[0],
+        "temperature.end": t.end[0],
+        "temperature.length": t.length[0],
+        "temperature.shape": t.shape[0],
+    }
+    params.update({f"experts.{g}": 1 for g in ctx.groups} if 1 in ctx.space.experts else {})
+    return params
+
+
+def plan_of_trial(trial: optuna.Trial | optuna.trial.FrozenTrial, ctx: SearchContext) -> Plan:
+    """Rebuild a trial's plan (a preset's, or the one its parameters describe)."""
+    preset = trial.user_attrs.get("preset")
+    if preset is not None:
+        return _preset_plan(ctx, preset)
+    if isinstance(trial, optuna.trial.FrozenTrial):
+        trial = optuna.trial.FixedTrial(trial.params)  # type: ignore[assignment]
+    plan = resolve_plan(ctx.trace, sample_recipe(trial, ctx))  # type: ignore[arg-type]
+    plan.model_name = ctx.model_name
+    return plan
+
+
+# -- constraints and the objective ----------------------------------------------------------
+
+
+def _cost_constraints(ctx: SearchContext, plan: Plan) -> dict[str, float]:
+    """Counted constraints, as relative excess (> 0 violates): milliseconds to compute."""
+    totals = cost.price(plan)
+    out: dict[str, float] = {}
+    if ctx.budget.kind != "latency":
+        out["budget"] = _amount(ctx.budget.kind, totals) / ctx.budget.value - 1.0
+    if ctx.settings.max_params is not None:
+        out["params"] = totals.params / ctx.settings.max_params - 1.0
+    return out
+
+
+def _latency_limit(ctx: SearchContext) -> float | None:
+    limits = [ctx.max_latency] if ctx.max_latency is not None else []
+    if ctx.budget.kind == "latency":
+        limits.append(ctx.budget.value)
+    return min(limits) if limits else None
+
+
+def _worst(ctx: SearchContext) -> float | tuple[float, ...]:
+    """The value an infeasible trial reports: the worst accuracy (and the worst second
+    objective), so it never ranks anywhere but last."""
+    objectives = ctx.settings.objectives
+    return 0.0 if len(objectives) == 1 else (0.0, math.inf)
+
+
+def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, ...]:
+    from dynify.train import finetune
+
+    plan = plan_of_trial(trial, ctx)
+    totals = cost.price(plan)
+    trial.set_user_attr("macs", totals.macs)
+    trial.set_user_attr("flops", totals.flops)
+    trial.set_user_attr("params", totals.params)
+    trial.set_user_attr("converted", len(plan.converted))
+    constraints = _cost_constraints(ctx, plan)
+    limit = _latency_limit(ctx)
+    if any(v > 0 for v in constraints.values()):
+        for key, value in constraints.items():
+            trial.set_constraint(key, value)
+        if limit is not None:
+            trial.set_constraint("latency", 0.0)  # not measured: the count already fails
+        return _worst(ctx)
+
+    model = apply(copy.deepcopy(ctx.base), plan, inplace=True, check=False, seed=ctx.settings.seed)
+    latency_s = None
+    if limit is not None or "latency" in ctx.settings.objectives:
+        latency_s = cost.latency(model, ctx.space.input_size, device=ctx.device).median
+        trial.set_user_attr("latency_ms", latency_s * 1e3)
+        if limit is not None:
+            constraints["latency"] = latency_s / limit - 1.0
+    for key, value in constraints.items():
+        trial.set_constraint(key, value)
+    if any(v > 0 for v in constraints.values()):
+        return _worst(ctx)
+
+    def report(epoch: int, metrics: dict[str, Any]) -> None:
+        trial.report(float(metrics["val_top1"]), epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {epoch}: {metrics['val_top1']:.2f}% top-1")
+
+    budget = ctx.space.training
+    result = finetune(
+        model=model,
+        data=ctx.data,
+        epochs=budget.epochs,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+        img_size=ctx.space.input_size[1],
+        device=ctx.device,
+        seed=budget.seed,
+        workers=budget.workers,
+        callbacks=[report],
+        progress=False,
+    )
+    top1 = float(result.top1 or 0.0)
+    trial.set_user_attr("top1_history", [h["val_top1"] for h in result.history])
+    trial.set_user_attr("images_per_s", result.images_per_s)
+    if len(ctx.settings.objectives) == 1:
+        return top1
+    second = ctx.settings.objectives[1]
+    return (top1, latency_s * 1e3 if second == "latency" else float(totals.params))
+
+
+# -- storage and the study -------------------------------------------------------------------
+
+
+def make_storage(settings: SearchSettings) -> optuna.storages.BaseStorage:
+    """The study's storage: SQLite in the run folder by default; any SQLAlchemy URL
+    (``postgresql://``, ``mysql://``) or ``journal:PATH`` (a journal file on a shared file
+    system). RDB storages get a heartbeat, so a trial whose process died is marked failed and
+    retried (up to twice) by the next process that runs the study."""
+    url = settings.storage or f"sqlite:///{Path(settings.output).resolve() / 'study.db'}"
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url.removeprefix("journal:").removeprefix("//"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 120}
+    try:
+        with warnings.catch_warnings():
+            # Heartbeats are "experimental" in Optuna's terms; they are what makes resume work.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=settings.heartbeat,
+                grace_period=2 * settings.heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=2
+                ),
+            )
+    except Exception as err:  # SQLAlchemy / driver errors: one line, naming the URL
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DynifyError(
+            f"--storage {_redact(url)!r}: cannot open ({type(err).__name__}: {message[:160]}); "
+            "accepted: sqlite:///FILE, postgresql://USER:PASS@HOST/DB, mysql://..., "
+            "journal:PATH"
+        ) from None
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+def study_name(ctx: SearchContext) -> str:
+    if ctx.settings.study:
+        return ctx.settings.study
+    size = "x".join(map(str, ctx.space.input_size[1:]))
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{ctx.model_name}-{size}-{ctx.settings.budget}")
+
+
+def _identity(ctx: SearchContext) -> dict[str, Any]:
+    """What must be the same for processes to share a study."""
+    return {
+        "model": ctx.model_name,
+        "budget": str(ctx.budget),
+        "space": ctx.space.label,
+        "input_size": list(ctx.space.input_size),
+        "objectives": list(ctx.settings.objectives),
+        "weights": ctx.fingerprint,
+        "groups": sorted(ctx.groups),
+    }
+
+
+def open_study(ctx: SearchContext, *, create: bool) -> optuna.Study:
+    """Create (or load) the study; refuse one that was made for another search."""
+    storage = make_storage(ctx.settings)
+    name = study_name(ctx)
+    directions = ["maximize"] + ["minimize"] * (len(ctx.settings.objectives) - 1)
+    sampler = optuna.samplers.TPESampler(
+        seed=None if ctx.settings.workers > 1 else ctx.settings.seed,
+        n_startup_trials=max(len(ctx.presets) + 2, 5),
+        multivariate=True,
+        constant_liar=True,
+    )
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=len(ctx.presets) + 1, n_warmup_steps=0)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            directions=directions,
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
+    except ValueError as err:
+        raise DynifyError(f"study {name!r}: {err}") from None
+    identity = _identity(ctx)
+    existing = study.user_attrs.get("dynify")
+    if existing is None and create:
+        study.set_user_attr("dynify", identity)
+    elif existing is not None and existing != identity:
+        diff = ", ".join(
+            f"{k}: {existing.get(k)!r} there vs {v!r} here"
+            for k, v in identity.items()
+            if existing.get(k) != v
+        )
+        raise DynifyError(
+            f"study {name!r} in this storage belongs to another search ({diff}); "
+            "use another --study name or --output folder"
+        )
+    if create and not study.user_attrs.get("presets_enqueued"):
+        for preset in ctx.presets:
+            params = static_params(ctx) if preset == STATIC else {}
+            study.enqueue_trial(params, user_attrs={"preset": preset})
+        study.set_user_attr("presets_enqueued", list(ctx.presets))
+    return study
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def run_worker(
+    ctx: SearchContext,
+    *,
+    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.Study:
+    """Run trials in this process until the study has ``trials`` finished ones (counted over
+    every process sharing it) or the timeout passes."""
+    from dynify.train import TrainingDiverged
+
+    study = open_study(ctx, create=False)
+    remaining = ctx.settings.trials - len(finished(study))
+    if remaining <= 0:
+        return study
+    callbacks: list[Any] = [
+        optuna.study.MaxTrialsCallback(
+            ctx.settings.trials,
+            states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
+        )
+    ]
+    if on_trial is not None:
+        callbacks.append(on_trial)
+    study.optimize(
+        lambda trial: objective(trial, ctx),
+        n_trials=remaining,
+        timeout=ctx.settings.timeout,
+        callbacks=callbacks,
+        catch=(TrainingDiverged,),
+        gc_after_trial=True,
+    )
+    return study
