@@ -18,7 +18,7 @@ from dynify.errors import DynifyError
 __all__ = ["main"]
 
 # Command modules, in the order ``--help`` lists them. Later issues append here.
-COMMANDS: tuple[str, ...] = ("convert", "inspect", "finetune")
+COMMANDS: tuple[str, ...] = ("convert", "inspect", "finetune", "search")
 
 
 def build_parser() -> argparse.ArgumentParser:
