@@ -269,8 +269,13 @@ def _index(counts: OpCounts) -> _Index:
 # -- dynamic layers -----------------------------------------------------------------------
 
 
-def _dynamic_parts(
+def _dynamic_cost(
+    name: str,
     *,
+    conv: int,
+    calls: int,
+    params: int,
+    rows: bool,
     in_channels: int,
     out_channels: int,
     weight_numel: int,
@@ -278,25 +283,30 @@ def _dynamic_parts(
     experts: int,
     hidden: int,
     input_hw: tuple[int, int],
-) -> tuple[dict[str, int], dict[str, int]]:
-    """MACs (besides the convolution) and extra ops of one call of a dynamic layer, per
-    image. The MACs are the matrix products ``dynamic_conv2d`` runs: the attention's two
-    linear layers, kernel mixing and bias mixing."""
+) -> tuple[int, int, LayerCost | None]:
+    """(MACs, extra ops, row) of a dynamic layer: ``conv`` MACs of its convolution (the
+    static conv's, all calls and images), plus, per image and call (``calls`` = calls x
+    images), the matrix products ``dynamic_conv2d`` runs (the attention's two linear
+    layers, kernel mixing, bias mixing) and the extra elementwise ops."""
     k = experts
-    macs = {
-        "attention_fc1": in_channels * hidden,
-        "attention_fc2": hidden * k,
-        "kernel_mix": k * weight_numel,
-        "bias_mix": k * out_channels if bias else 0,
-    }
+    fc1, fc2, mix = in_channels * hidden, hidden * k, k * weight_numel
+    bias_mix = k * out_channels if bias else 0
     h, w = input_hw
-    extras = {
-        # global average pool: C*H*W additions and C divisions
-        "pool": in_channels * (h * w + 1),
-        # fc biases (h + K adds), ReLU (h), 1/T (K), softmax or sigmoid (3K)
-        "activations": 2 * hidden + 5 * k,
+    pool = in_channels * (h * w + 1)  # global average pool: C*H*W adds and C divides
+    activations = 2 * hidden + 5 * k  # fc biases (h + K), ReLU (h), 1/T (K), softmax (3K)
+    macs = conv + (fc1 + fc2 + mix + bias_mix) * calls
+    extra = (pool + activations) * calls
+    if not rows:
+        return macs, extra, None
+    parts = {
+        "conv": conv,
+        "attention_fc1": fc1 * calls,
+        "attention_fc2": fc2 * calls,
+        "kernel_mix": mix * calls,
+        "bias_mix": bias_mix * calls,
     }
-    return macs, extras
+    extra_parts = {"pool": pool * calls, "activations": activations * calls}
+    return macs, extra, LayerCost(name, "dynamic", macs, params, extra, parts, extra_parts)
 
 
 def _hw(shape: tuple[int, ...] | None) -> tuple[int, int]:
@@ -318,34 +328,21 @@ def _plan_layer(
     if not convert:
         row = LayerCost(s.name, "conv", conv, s.params) if rows else None
         return conv, s.params, 0, row
-    st = lp.settings
-    hidden = attention_hidden_width(s.in_channels, st.reduction)
-    calls = max(s.calls, 1) * batch
-    k = st.experts
-    mixed = (
-        s.in_channels * hidden
-        + hidden * k
-        + k * s.weight_numel
-        + (k * s.out_channels if s.bias else 0)
-    )
-    h, w = _hw(s.input_shape)
-    extra = (s.in_channels * (h * w + 1) + 2 * hidden + 5 * k) * calls
-    macs = conv + mixed * calls
     params = lp.params_after
-    row = None
-    if rows:
-        parts, extra_parts = _dynamic_parts(
-            in_channels=s.in_channels,
-            out_channels=s.out_channels,
-            weight_numel=s.weight_numel,
-            bias=s.bias,
-            experts=k,
-            hidden=hidden,
-            input_hw=(h, w),
-        )
-        parts = {"conv": conv, **{key: v * calls for key, v in parts.items()}}
-        extra_parts = {key: v * calls for key, v in extra_parts.items()}
-        row = LayerCost(s.name, "dynamic", macs, params, extra, parts, extra_parts)
+    macs, extra, row = _dynamic_cost(
+        s.name,
+        conv=conv,
+        calls=s.calls * batch,
+        params=params,
+        rows=rows,
+        in_channels=s.in_channels,
+        out_channels=s.out_channels,
+        weight_numel=s.weight_numel,
+        bias=s.bias,
+        experts=lp.settings.experts,
+        hidden=attention_hidden_width(s.in_channels, lp.settings.reduction),
+        input_hw=_hw(s.input_shape),
+    )
     return macs, params, extra, row
 
 
@@ -433,8 +430,12 @@ def _count_model(model: nn.Module, size: tuple[int, int, int], batch: int) -> tu
         p = sum(t.numel() for t in module.parameters())
         if isinstance(module, DynamicConv2d):
             b, f = index.layer_conv.get(name, (0, 0))
-            calls = recorder.conv_calls.get(name, 0) * batch
-            parts, extra_parts = _dynamic_parts(
+            _, _, row = _dynamic_cost(
+                name,
+                conv=b * batch + f,
+                calls=recorder.conv_calls.get(name, 0) * batch,
+                params=p,
+                rows=True,
                 in_channels=module.in_channels,
                 out_channels=module.out_channels,
                 weight_numel=module.weight[0].numel(),
@@ -443,17 +444,7 @@ def _count_model(model: nn.Module, size: tuple[int, int, int], batch: int) -> tu
                 hidden=module.attention.fc1.out_features,
                 input_hw=_hw(recorder.conv_inputs.get(name)),
             )
-            parts = {"conv": b * batch + f, **{k: v * calls for k, v in parts.items()}}
-            extra_parts = {k: v * calls for k, v in extra_parts.items()}
-            row = LayerCost(
-                name,
-                "dynamic",
-                sum(parts.values()),
-                p,
-                sum(extra_parts.values()),
-                parts,
-                extra_parts,
-            )
+            assert row is not None
         else:
             b, f = index.layer_all.get(name, (0, 0))
             row = LayerCost(name, "conv", b * batch + f, p)
