@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import gc
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -176,9 +177,9 @@ def mix_calls(monkeypatch):
     calls: list[int] = []
     original = functional.mix_kernels
 
-    def spy(routing, weight):
+    def spy(routing, weight, **kwargs):
         calls.append(routing.shape[0])
-        return original(routing, weight)
+        return original(routing, weight, **kwargs)
 
     monkeypatch.setattr(functional, "mix_kernels", spy)
     return calls
@@ -308,6 +309,49 @@ def test_single_strategy_at_batch_one(mix_calls):
     out = layer(x)
     assert mix_calls == [1]
     assert rel_err(out, reference(layer, cfg, x)) < 1e-5
+
+
+def test_scratch_reuse_never_corrupts_results(force_strategy):
+    """Kernels mixed into the reused scratch buffer: earlier outputs stay intact, in any
+    grad mode, across layers, dtypes and an inference_mode first call."""
+    cfgs = [_cfg(padding=1), _cfg(in_channels=6, out_channels=6, groups=6, padding=1)]
+    layers = [
+        make_layer(c, max_kernel_bytes=2 * per_sample_kernel_bytes(make_layer(c))) for c in cfgs
+    ]
+    results = []
+    with torch.inference_mode():  # the scratch buffer may first be created in here
+        x = make_input(cfgs[0], 1)
+        results.append((layers[0], cfgs[0], x, layers[0](x)))
+    for strategy in ("folded", "per_sample"):
+        force_strategy(strategy)
+        for batch in (1, 5):
+            for layer, cfg in zip(layers, cfgs, strict=True):
+                x = make_input(cfg, batch)
+                with torch.no_grad():
+                    results.append((layer, cfg, x, layer(x)))
+                results.append((layer, cfg, x, layer(x)))  # grad mode
+                results.append((layer.double(), cfg, x.double(), layer(x.double())))
+                layer.float()
+    with torch.no_grad():
+        for layer, cfg, x, out in results:
+            assert rel_err(out, reference(layer.to(x.dtype), cfg, x)) < 1e-5
+            layer.float()
+
+
+def test_threads_do_not_share_scratch(force_strategy):
+    force_strategy("per_sample")
+    cfg = _cfg(padding=1)
+    layer = make_layer(cfg)
+    inputs = [make_input(cfg, b) for b in (1, 3, 1, 4)]
+    with torch.no_grad():
+        want = [layer(x) for x in inputs]
+
+    def work(i: int):
+        with torch.no_grad():
+            return [torch.equal(layer(inputs[i]), want[i]) for _ in range(20)]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(all(r) for r in pool.map(work, range(4)))
 
 
 # -- autograd -------------------------------------------------------------------------------
