@@ -23,7 +23,7 @@ import dynify
 from dynify.cli import main
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
-from dynify.train import StopTraining, TrainingDiverged, finetune, load_data
+from dynify.train import StopTraining, TrainingDiverged, evaluate, finetune, load_data
 
 RECIPE = {
     "defaults": {"temperature": {"start": 10, "end": 1, "length": 2, "shape": "linear"}},
@@ -142,6 +142,19 @@ def test_loss_falls_and_temperature_follows_the_plan(tmp_path: Path, splits: Pat
                 want = 10 + (1 - 10) * min(epoch / 2, 1)
             assert value == pytest.approx(want, rel=1e-5), (epoch, name)
         assert metrics["temperature"] == pytest.approx(max(temps.values()), rel=1e-6)
+    # Evaluation counts: the public evaluate() and a plain loop agree with the last epoch's.
+    final = evaluate(model=model, data=splits, img_size=32, workers=0, batch_size=5)
+    assert final["val_top1"] == history[-1]["val_top1"] and final["images"] == 32
+    transform = timm.data.create_transform(
+        input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    model.eval()
+    with torch.no_grad():
+        correct = sum(
+            int(model(transform(img)[None]).argmax() == label)
+            for img, label in load_data(splits).val
+        )
+    assert 100 * correct / 32 == history[-1]["val_top1"]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["val_top1"] for h in saved["history"]] == [h["val_top1"] for h in history]
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 4

@@ -13,6 +13,7 @@ from dynify.train.loop import (
     FinetuneResult,
     StopTraining,
     TrainingDiverged,
+    evaluate,
     finetune,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "StopTraining",
     "TrainingDiverged",
     "default_cache_dir",
+    "evaluate",
     "finetune",
     "load_data",
 ]

@@ -32,7 +32,9 @@ __all__ = [
     "TORCH_DATASETS",
     "Data",
     "Loaders",
+    "data_config",
     "default_cache_dir",
+    "eval_loader",
     "load_data",
     "make_loaders",
 ]
@@ -296,6 +298,53 @@ class Loaders:
         self.train.dataset.epoch = epoch  # type: ignore[attr-defined]
 
 
+def data_config(
+    model: torch.nn.Module, *, img_size: int | None = None, crop_pct: float | None = None
+) -> dict[str, Any]:
+    """timm's ``resolve_data_config`` for ``model``: input size, interpolation, mean, std and
+    crop from its ``pretrained_cfg``. ``img_size`` overrides the size, and then the whole
+    image is used (``crop_pct`` 1) unless ``crop_pct`` is given."""
+    from timm.data import resolve_data_config
+
+    overrides: dict[str, Any] = {}
+    if img_size is not None:
+        overrides["input_size"] = (3, int(img_size), int(img_size))
+        overrides["crop_pct"] = 1.0 if crop_pct is None else crop_pct
+    elif crop_pct is not None:
+        overrides["crop_pct"] = crop_pct
+    return dict(resolve_data_config(overrides, model=model))
+
+
+def _common(cfg: dict[str, Any]) -> dict[str, Any]:
+    keys = ("input_size", "interpolation", "mean", "std")
+    return {k: cfg[k] for k in keys}
+
+
+def eval_loader(
+    dataset: Dataset,
+    *,
+    cfg: dict[str, Any],
+    batch_size: int,
+    workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Loader of this process's share of ``dataset`` (every ``world_size``-th image), with
+    timm's evaluation transform; per-process counts are summed, so results are exact for any
+    number of processes."""
+    from timm.data import create_transform
+
+    tf = create_transform(
+        is_training=False, crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"], **_common(cfg)
+    )
+    ds = _Transformed(dataset, tf, seed=None)
+    shard = Subset(ds, range(rank, len(ds), world_size))
+    return DataLoader(
+        shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory
+    )
+
+
 def make_loaders(
     data: Data,
     *,
@@ -313,31 +362,18 @@ def make_loaders(
 ) -> Loaders:
     """Training and validation loaders for one process of ``world_size``.
 
-    ``batch_size`` is per process. Normalisation, interpolation and (unless ``img_size``)
-    input size come from the model's ``pretrained_cfg`` (timm's ``resolve_data_config``);
-    with ``img_size`` the whole image is used (``crop_pct`` 1) unless ``crop_pct`` is given.
+    ``batch_size`` is per process; see :func:`data_config` for sizes and normalisation.
     """
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
 
-    overrides: dict[str, Any] = {}
-    if img_size is not None:
-        overrides["input_size"] = (3, int(img_size), int(img_size))
-        overrides["crop_pct"] = 1.0 if crop_pct is None else crop_pct
-    elif crop_pct is not None:
-        overrides["crop_pct"] = crop_pct
-    cfg = resolve_data_config(overrides, model=model)
-    common = dict(
-        input_size=cfg["input_size"],
-        interpolation=cfg["interpolation"],
-        mean=cfg["mean"],
-        std=cfg["std"],
-    )
-    eval_tf = create_transform(
-        is_training=False, crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"], **common
-    )
-    train_tf = create_transform(is_training=True, scale=aug_scale, **common) if augment else eval_tf
+    cfg = data_config(model, img_size=img_size, crop_pct=crop_pct)
+    if augment:
+        train_tf = create_transform(is_training=True, scale=aug_scale, **_common(cfg))
+    else:
+        train_tf = create_transform(
+            is_training=False, crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"], **_common(cfg)
+        )
     train_ds = _Transformed(data.train, train_tf, seed=seed if augment else None)
-    val_ds = _Transformed(data.val, eval_tf, seed=None)
     if len(train_ds) < batch_size * world_size:
         raise DynifyError(
             f"batch size {batch_size * world_size} is larger than the {len(train_ds):,} "
@@ -346,12 +382,22 @@ def make_loaders(
     sampler = DistributedSampler(
         train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
     )
-    loader_args = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
     train = DataLoader(
-        train_ds, batch_size=batch_size, sampler=sampler, drop_last=True, **loader_args
+        train_ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
     )
-    # Each process evaluates every world_size-th image; the counts are summed, not averaged,
-    # so the result is exact for any number of processes.
-    shard = Subset(val_ds, range(rank, len(val_ds), world_size))
-    val = DataLoader(shard, batch_size=batch_size, shuffle=False, **loader_args)
-    return Loaders(train, val, dict(cfg))
+    val = eval_loader(
+        data.val,
+        cfg=cfg,
+        batch_size=batch_size,
+        workers=workers,
+        rank=rank,
+        world_size=world_size,
+        pin_memory=pin_memory,
+    )
+    return Loaders(train, val, cfg)

@@ -39,6 +39,7 @@ __all__ = [
     "FinetuneResult",
     "StopTraining",
     "TrainingDiverged",
+    "evaluate",
     "finetune",
 ]
 
@@ -303,9 +304,7 @@ class _Run:
         cuda = self.device.type == "cuda"
         self.settings["amp"] = self.amp = cuda if amp is None else bool(amp)
         self.channels_last = cuda if channels_last is None else bool(channels_last)
-        self.amp_dtype = torch.bfloat16
-        if cuda and self.amp and not torch.cuda.is_bf16_supported():
-            self.amp_dtype = torch.float16
+        self.amp_dtype = _amp_dtype(self.device)
         self.sync_bn = sync_bn
         self.workers = workers
         self.data_cache = data_cache
@@ -565,40 +564,16 @@ class _Run:
             "images": images,
         }, updates
 
-    @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
-        from timm.utils import accuracy
-
-        model = self.model
-        model.eval()
-        k5 = min(5, self.data.num_classes)
-        total = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-k correct, images
-        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
-        for x, y in self.loaders.val:
-            x = x.to(self.device, non_blocking=True, memory_format=memory_format)
-            y = y.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                logits = model(x)
-            n = y.shape[0]
-            acc1, acc5 = accuracy(logits.float(), y, topk=(1, k5))
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            batch = torch.stack(
-                [
-                    loss.double().cpu(),
-                    torch.round(acc1.double().cpu() * n / 100),
-                    torch.round(acc5.double().cpu() * n / 100),
-                    torch.tensor(float(n), dtype=torch.float64),
-                ]
-            )
-            total += batch
-        if self.procs.distributed:
-            total = self.procs.all_reduce_sum(total.to(self.device)).cpu()
-        images = max(float(total[3]), 1.0)
-        return {
-            "val_loss": float(total[0]) / images,
-            "val_top1": 100 * float(total[1]) / images,
-            "val_top5": 100 * float(total[2]) / images,
-        }
+        return _evaluate(
+            self.model,
+            self.loaders.val,
+            procs=self.procs,
+            amp=self.amp,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.channels_last,
+            num_classes=self.data.num_classes,
+        )
 
     # -- outputs ------------------------------------------------------------------------
 
@@ -645,6 +620,113 @@ class _Run:
         from tqdm.auto import tqdm
 
         tqdm.write(line)
+
+
+def evaluate(
+    *,
+    model: nn.Module,
+    data: str | os.PathLike[str] | Data,
+    batch_size: int = 256,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    val_images: int | None = None,
+    holdout: float = 0.1,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    channels_last: bool | None = None,
+    workers: int = 2,
+    data_cache: str | os.PathLike[str] | None = None,
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy of ``model`` on the
+    validation split of ``data`` (the same split, transforms and counting as
+    :func:`finetune`'s evaluation; under torchrun the processes share the images).
+
+    Returns ``{"val_loss", "val_top1", "val_top5", "images"}``.
+    """
+    from dynify.train.data import data_config, eval_loader
+
+    data = load_data(data, holdout=holdout, val_images=val_images, cache_dir=data_cache)
+    procs = start_processes(device)
+    try:
+        cuda = procs.device.type == "cuda"
+        use_amp = cuda if amp is None else bool(amp)
+        nhwc = cuda if channels_last is None else bool(channels_last)
+        model.to(procs.device)
+        if nhwc:
+            _channels_last(model)
+        cfg = data_config(model, img_size=img_size, crop_pct=crop_pct)
+        loader = eval_loader(
+            data.val,
+            cfg=cfg,
+            batch_size=batch_size,
+            workers=workers,
+            rank=procs.rank,
+            world_size=procs.world_size,
+            pin_memory=cuda,
+        )
+        metrics = _evaluate(
+            model,
+            loader,
+            procs=procs,
+            amp=use_amp,
+            amp_dtype=_amp_dtype(procs.device),
+            channels_last=nhwc,
+            num_classes=data.num_classes,
+        )
+    finally:
+        procs.close()
+    return {**metrics, "images": float(len(data.val))}
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    *,
+    procs: Processes,
+    amp: bool,
+    amp_dtype: torch.dtype,
+    channels_last: bool,
+    num_classes: int,
+) -> dict[str, float]:
+    from timm.utils import accuracy
+
+    device = procs.device
+    model.eval()
+    k5 = min(5, num_classes)
+    total = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-k correct, images
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    for x, y in loader:
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            logits = model(x)
+        n = y.shape[0]
+        acc1, acc5 = accuracy(logits.float(), y, topk=(1, k5))
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        total += torch.stack(
+            [
+                loss.double().cpu(),
+                torch.round(acc1.double().cpu() * n / 100),
+                torch.round(acc5.double().cpu() * n / 100),
+                torch.tensor(float(n), dtype=torch.float64),
+            ]
+        )
+    if procs.distributed:
+        total = procs.all_reduce_sum(total.to(device)).cpu()
+    images = max(float(total[3]), 1.0)
+    return {
+        "val_loss": float(total[0]) / images,
+        "val_top1": 100 * float(total[1]) / images,
+        "val_top5": 100 * float(total[2]) / images,
+    }
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where supported, else float16 (older GPUs; used with loss scaling)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 def _channels_last(model: nn.Module) -> None:
