@@ -217,6 +217,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path, splits: Path) -> Non
             resume=True,
             **settings,
         )
+    with pytest.raises(DynifyError, match="already holds a run"):
+        finetune(model=tiny_model(), data=splits, output=tmp_path / "part", **settings)
     with pytest.raises(DynifyError, match="nothing to resume"):
         finetune(model=tiny_model(), data=splits, output=tmp_path / "new", resume=True, **settings)
 
@@ -237,7 +239,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, split
         )
     message = str(err.value)
     assert "\n" not in message
-    assert "NaN" in message and "epoch 2, step 1/" in message
+    assert "NaN" in message and "epoch 2, step 1/" in message and "(epoch 1)" in message
     assert str(tmp_path / "checkpoint.pth") in message and "intact" in message
     assert _sha(tmp_path / "checkpoint.pth") == poison["sha"]
     state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)

@@ -453,15 +453,22 @@ class _Run:
         resume: bool | str | os.PathLike[str],
         callbacks: Sequence[EpochCallback],
     ) -> FinetuneResult:
-        self._setup(data)
         out = Path(output) if output is not None else None
         ckpt = out / checkpoint.CHECKPOINT_NAME if out is not None else None
+        if not resume and ckpt is not None and ckpt.exists():
+            raise DynifyError(
+                f"{str(out)!r} already holds a run ({checkpoint.CHECKPOINT_NAME}); resume it "
+                f"(--resume) or choose another --output, so that it is not overwritten"
+            )
+        self._setup(data)
         start, updates, history = 0, 0, []
+        self.last_good: Path | None = None
+        self.last_good_epoch = 0
         if resume:
             path = ckpt if resume is True else Path(resume)  # type: ignore[arg-type]
             assert path is not None
             start, updates, history = self._resume(path)
-        self.last_good = ckpt if ckpt is not None and ckpt.exists() else None
+            self.last_good, self.last_good_epoch = path, start
         if self.show:
             self._say(f"data {self.data.describe()}")
             if start:
@@ -491,6 +498,7 @@ class _Run:
                 self._write(out, ckpt, epoch + 1, updates, history)  # type: ignore[arg-type]
             if ckpt is not None:
                 self.last_good = result.checkpoint = ckpt
+                self.last_good_epoch = epoch + 1
             result.images_per_s = seen / elapsed if elapsed else None
             if self.show:
                 self._say(_summary(metrics, self.settings["epochs"]))
@@ -608,7 +616,10 @@ class _Run:
         lr = self.optimizer.param_groups[0]["lr"]
         where = f"epoch {epoch + 1}, step {step + 1}/{self.steps}"
         if self.last_good is not None:
-            kept = f"the last good checkpoint {str(self.last_good)!r} (epoch {epoch}) is intact"
+            kept = (
+                f"the last good checkpoint {str(self.last_good)!r} (epoch "
+                f"{self.last_good_epoch}) is intact"
+            )
         else:
             kept = "no checkpoint was written before it"
         return TrainingDiverged(
