@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from dynify.errors import DynifyError
 
 if TYPE_CHECKING:
-    from dynify.cost import CostReport
+    from dynify.cost import CostReport, Totals
 
 __all__ = ["BUDGET_FORMS", "Budget", "BudgetKind", "parse_budget"]
 
@@ -44,8 +44,9 @@ class Budget:
     kind: BudgetKind
     value: float
 
-    def amount(self, report: CostReport) -> float:
-        """This budget's quantity in ``report`` (FLOPs, MACs or parameters).
+    def amount(self, report: CostReport | Totals) -> float:
+        """This budget's quantity in ``report`` (FLOPs, MACs or parameters); ``report`` is
+        a :func:`~dynify.cost.count` report or :func:`~dynify.cost.price` totals.
 
         Latency is measured, not counted: use :func:`dynify.cost.latency` for it.
         """
@@ -58,7 +59,7 @@ class Budget:
             {"flops": report.flops, "macs": report.macs, "params": report.params}[self.kind]
         )
 
-    def fits(self, report: CostReport) -> bool:
+    def fits(self, report: CostReport | Totals) -> bool:
         """Whether ``report`` stays within this budget."""
         return self.amount(report) <= self.value
 
