@@ -20,7 +20,14 @@ from torch import nn
 
 from dynify.errors import DynifyError
 
-__all__ = ["LatencyComparison", "LatencyResult", "compare_latency", "latency", "resolve_device"]
+__all__ = [
+    "LatencyComparison",
+    "LatencyResult",
+    "compare_latency",
+    "example_input",
+    "latency",
+    "resolve_device",
+]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -101,10 +108,12 @@ def _on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def _example(
-    model: nn.Module, input_size: tuple[int, ...], batch_size: int, device
+def example_input(
+    model: nn.Module, input_size: tuple[int, ...], batch_size: int = 1
 ) -> torch.Tensor:
+    """A random batch on the model's device, in its floating dtype (float32 by default)."""
     param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     return torch.randn(batch_size, *input_size, device=device, dtype=dtype)
 
@@ -157,7 +166,7 @@ def latency(
     size = _check(input_size, batch_size, warmup, repeats)
     dev = resolve_device(device)
     with _on_device(model, dev) as m, torch.inference_mode():
-        x = _example(m, size, batch_size, dev)
+        x = example_input(m, size, batch_size)
         run = _timer(m, x)
         for _ in range(warmup):
             run()
@@ -184,7 +193,7 @@ def compare_latency(
         _on_device(converted, dev) as b,
         torch.inference_mode(),
     ):
-        x = _example(a, size, batch_size, dev)
+        x = example_input(a, size, batch_size)
         run_a, run_b = _timer(a, x), _timer(b, x)
         for _ in range(warmup):
             run_a()

@@ -35,6 +35,7 @@ from dynify._latency import (
     LatencyComparison,
     LatencyResult,
     compare_latency,
+    example_input,
     latency,
     resolve_device,
 )
@@ -391,15 +392,8 @@ def price(plan: Plan, *, batch_size: int = 1, static: bool = False) -> Totals:
 # -- models without a plan (or at another input size): one recorded forward pass ---------
 
 
-def _example_input(model: nn.Module, size: tuple[int, int, int], batch: int = 1) -> torch.Tensor:
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return torch.randn(batch, *size, device=device, dtype=dtype)
-
-
 def _count_model(model: nn.Module, size: tuple[int, int, int], batch: int) -> tuple[Any, ...]:
-    example = _example_input(model, size)
+    example = example_input(model, size)
     recorder = OpRecorder(model, (example,))
     was_training = model.training
     model.eval()
@@ -581,7 +575,7 @@ def measure_flops(
     target = model
     if param is not None and param.device.type != dev.type:
         target = copy.deepcopy(model).to(dev)
-    x = _example_input(target, size, batch)
+    x = example_input(target, size, batch)
     was_training = model.training
     target.eval()
     mapping = dict.fromkeys(CPU_ATTENTION_OPS, _cpu_attention_flops)
