@@ -145,8 +145,14 @@ def _torch_dataset(text: str, *, cache_dir: str | os.PathLike[str] | None, downl
     root = root / name
     try:
         root.mkdir(parents=True, exist_ok=True)
-        train = create_dataset(f"torch/{name}", root=str(root), split="train", download=download)
-        val = create_dataset(f"torch/{name}", root=str(root), split="validation", download=download)
+        # One download per machine: processes started together (torchrun) wait for it.
+        with _file_lock(root / ".download.lock"):
+            train = create_dataset(
+                f"torch/{name}", root=str(root), split="train", download=download
+            )
+            val = create_dataset(
+                f"torch/{name}", root=str(root), split="validation", download=download
+            )
     except (OSError, RuntimeError) as err:
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         how = "could not download" if download else "not found in"
@@ -155,6 +161,22 @@ def _torch_dataset(text: str, *, cache_dir: str | os.PathLike[str] | None, downl
             f"dataset there or pass a folder or .tar instead"
         ) from None
     return Data(train, val, list(train.classes), text, f"{text} test split")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (POSIX); a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _path_dataset(path: Path, *, holdout: float, split_seed: int) -> Data:
