@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -50,6 +51,7 @@ class LatencyResult:
     times: tuple[float, ...]
     device: str
     batch_size: int
+    clock: str = "wall"  # or "thread": the calling thread's CPU time
 
     @property
     def median(self) -> float:
@@ -60,9 +62,10 @@ class LatencyResult:
         return self.median * 1e3
 
     def __str__(self) -> str:
+        clock = "" if self.clock == "wall" else ", thread CPU time"
         return (
             f"{self.median_ms:.2f} ms (median of {len(self.times)}, batch {self.batch_size}, "
-            f"{self.device})"
+            f"{self.device}{clock})"
         )
 
 
@@ -118,7 +121,10 @@ def example_input(
     return torch.randn(batch_size, *input_size, device=device, dtype=dtype)
 
 
-def _timer(model: nn.Module, x: torch.Tensor) -> Callable[[], float]:
+Clock = Literal["wall", "thread"]
+
+
+def _timer(model: nn.Module, x: torch.Tensor, clock: Clock = "wall") -> Callable[[], float]:
     if x.device.type == "cuda":
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
@@ -132,15 +138,23 @@ def _timer(model: nn.Module, x: torch.Tensor) -> Callable[[], float]:
 
         return run_cuda
 
+    now = time.thread_time if clock == "thread" else time.perf_counter
+
     def run_cpu() -> float:
-        t0 = time.perf_counter()
+        t0 = now()
         model(x)
-        return time.perf_counter() - t0
+        return now() - t0
 
     return run_cpu
 
 
-def _check(input_size, batch_size: int, warmup: int, repeats: int) -> tuple[int, ...]:
+def _check(
+    input_size, batch_size: int, warmup: int, repeats: int, clock: str, device: torch.device
+) -> tuple[int, ...]:
+    if clock not in ("wall", "thread"):
+        raise DynifyError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    if clock == "thread" and device.type != "cpu":
+        raise DynifyError(f"clock='thread' times CPU work only, not {device.type}")
     size = tuple(int(v) for v in input_size)
     if len(size) != 3 or any(v <= 0 for v in size):
         raise DynifyError(f"input size must be three positive integers C,H,W, got {input_size}")
@@ -160,18 +174,24 @@ def latency(
     batch_size: int = 1,
     warmup: int = 3,
     repeats: int = 10,
+    clock: Clock = "wall",
 ) -> LatencyResult:
     """Time ``repeats`` forward passes (after ``warmup`` untimed ones) in eval mode under
-    ``torch.inference_mode``; the median is ``result.median`` (seconds)."""
-    size = _check(input_size, batch_size, warmup, repeats)
+    ``torch.inference_mode``; the median is ``result.median`` (seconds).
+
+    ``clock="thread"`` (CPU only) measures the calling thread's CPU time instead of the
+    wall clock: with ``torch.set_num_threads(1)`` that is the pass's compute time, which
+    other processes' load on a shared machine barely changes.
+    """
     dev = resolve_device(device)
+    size = _check(input_size, batch_size, warmup, repeats, clock, dev)
     with _on_device(model, dev) as m, torch.inference_mode():
         x = example_input(m, size, batch_size)
-        run = _timer(m, x)
+        run = _timer(m, x, clock)
         for _ in range(warmup):
             run()
         times = tuple(run() for _ in range(repeats))
-    return LatencyResult(times, str(dev), batch_size)
+    return LatencyResult(times, str(dev), batch_size, clock)
 
 
 def compare_latency(
@@ -183,18 +203,20 @@ def compare_latency(
     batch_size: int = 1,
     warmup: int = 3,
     repeats: int = 10,
+    clock: Clock = "wall",
 ) -> LatencyComparison:
     """Time two models side by side: each round runs both on the same input, alternating
-    which goes first; ``result.ratio`` is the median per-round converted / static."""
-    size = _check(input_size, batch_size, warmup, repeats)
+    which goes first; ``result.ratio`` is the median per-round converted / static.
+    ``clock`` as for :func:`latency`."""
     dev = resolve_device(device)
+    size = _check(input_size, batch_size, warmup, repeats, clock, dev)
     with (
         _on_device(static, dev) as a,
         _on_device(converted, dev) as b,
         torch.inference_mode(),
     ):
         x = example_input(a, size, batch_size)
-        run_a, run_b = _timer(a, x), _timer(b, x)
+        run_a, run_b = _timer(a, x, clock), _timer(b, x, clock)
         for _ in range(warmup):
             run_a()
             run_b()
@@ -207,6 +229,6 @@ def compare_latency(
                 times_b.append(run_b())
                 times_a.append(run_a())
     return LatencyComparison(
-        LatencyResult(tuple(times_a), str(dev), batch_size),
-        LatencyResult(tuple(times_b), str(dev), batch_size),
+        LatencyResult(tuple(times_a), str(dev), batch_size, clock),
+        LatencyResult(tuple(times_b), str(dev), batch_size, clock),
     )

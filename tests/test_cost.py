@@ -383,6 +383,10 @@ def test_latency_and_side_by_side() -> None:
     assert "ratio" in str(cmp)
     with pytest.raises(DynifyError):
         cost.latency(model, (3, 8), device="cpu")
+    on_cpu = cost.latency(model, (3, 8, 8), device="cpu", repeats=3, clock="thread")
+    assert on_cpu.clock == "thread" and all(t >= 0 for t in on_cpu.times)
+    with pytest.raises(DynifyError, match="clock"):
+        cost.latency(model, (3, 8, 8), device="cpu", clock="process")  # type: ignore[arg-type]
 
 
 def test_format_totals_says_units(resnet18_trace) -> None:
