@@ -314,7 +314,14 @@ def test_single_strategy_at_batch_one(mix_calls):
 def test_scratch_reuse_never_corrupts_results(force_strategy):
     """Kernels mixed into the reused scratch buffer: earlier outputs stay intact, in any
     grad mode, across layers, dtypes and an inference_mode first call."""
-    cfgs = [_cfg(padding=1), _cfg(in_channels=6, out_channels=6, groups=6, padding=1)]
+    # 147 kB kernels: above the size from which the scratch buffer is used
+    cfgs = [
+        _cfg(in_channels=64, out_channels=64, padding=1),
+        _cfg(in_channels=128, out_channels=64, groups=2, padding=1),
+    ]
+    assert all(
+        per_sample_kernel_bytes(make_layer(c)) >= functional._SCRATCH_MIN_BYTES for c in cfgs
+    )
     layers = [
         make_layer(c, max_kernel_bytes=2 * per_sample_kernel_bytes(make_layer(c))) for c in cfgs
     ]
@@ -340,8 +347,9 @@ def test_scratch_reuse_never_corrupts_results(force_strategy):
 
 def test_threads_do_not_share_scratch(force_strategy):
     force_strategy("per_sample")
-    cfg = _cfg(padding=1)
+    cfg = _cfg(in_channels=64, out_channels=64, padding=1)
     layer = make_layer(cfg)
+    assert per_sample_kernel_bytes(layer) >= functional._SCRATCH_MIN_BYTES
     inputs = [make_input(cfg, b) for b in (1, 3, 1, 4)]
     with torch.no_grad():
         want = [layer(x) for x in inputs]
@@ -604,19 +612,23 @@ def test_from_conv_generator_is_reproducible():
 
 def _first_backward(layer: DynamicConv2d, x: torch.Tensor):
     """fc2.weight's gradient and the routing logits' gradient after one backward."""
+    att = layer.attention
     logits = {}
+    original = att.logits
 
-    def keep(_module, _inputs, output):
-        output.retain_grad()
-        logits["z"] = output
+    def keep(inp):
+        z = original(inp)
+        z.retain_grad()
+        logits["z"] = z
+        return z
 
-    handle = layer.attention.fc2.register_forward_hook(keep)
+    att.logits = keep  # instance attribute: forward's self.logits(x) goes through it
     try:
         out = layer(x)
     finally:
-        handle.remove()
+        del att.logits
     (out * torch.randn_like(out)).sum().backward()
-    return layer.attention.fc2.weight.grad, logits["z"].grad
+    return att.fc2.weight.grad, logits["z"].grad
 
 
 @pytest.mark.parametrize("attention", ["softmax", "sigmoid"])

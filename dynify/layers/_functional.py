@@ -72,6 +72,10 @@ class _Scratch(threading.local):
 
 _SCRATCH = _Scratch()
 
+# Below glibc's default mmap threshold small blocks come from the heap's free lists at no
+# page-fault cost, and a fresh tensor is cheaper than the scratch's bookkeeping (~4 us).
+_SCRATCH_MIN_BYTES = 128 * 2**10
+
 
 def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     buf = _SCRATCH.buffers.get(dtype)
@@ -100,6 +104,7 @@ def mix_kernels(
     n = routing.shape[0]
     if (
         reuse
+        and n * flat.shape[1] * weight.element_size() >= _SCRATCH_MIN_BYTES
         and weight.device.type == "cpu"
         and routing.device.type == "cpu"
         and routing.dtype == weight.dtype
