@@ -212,7 +212,39 @@ def profile(batches: tuple[int, ...] = (1, 8), rounds: int = 5) -> None:
         for op, (a, b) in ranked[:10]:
             print(f"  {op:36s} {a:8.2f} {b:8.2f} {b - a:+8.2f}")
         sys.stdout.flush()
+    _mixing_alone(converted)
     print()
+
+
+def _mixing_alone(converted: torch.nn.Module, rounds: int = 5) -> None:
+    """Batch-1 kernel mixing of every dynamic layer, timed alone (thread CPU time, best of
+    ``rounds``), against the bytes of experts it must read: mixing is memory-bound."""
+    from dynify.layers import mix_kernels
+
+    layers = [m for m in converted.modules() if isinstance(m, dynify.DynamicConv2d)]
+    read = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    written = read // layers[0].num_experts
+    routing = [torch.softmax(torch.randn(1, m.num_experts), dim=1) for m in layers]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(rounds):
+            start = time.thread_time()
+            for m, r in zip(layers, routing, strict=True):
+                mix_kernels(r, m.weight, reuse=True)
+            best = min(best, time.thread_time() - start)
+        src = torch.empty(read // 4)
+        dst = torch.empty_like(src)
+        copy = float("inf")
+        for _ in range(rounds):
+            start = time.thread_time()
+            dst.copy_(src)
+            copy = min(copy, time.thread_time() - start)
+    print(
+        f"batch-1 kernel mixing alone, {len(layers)} layers: {best * 1e3:.1f} ms; reads "
+        f"{read / 1e6:.0f} MB of experts, writes {written / 1e6:.0f} MB "
+        f"({(read + written) / best / 1e9:.1f} GB/s); a plain copy of {read / 1e6:.0f} MB "
+        f"moves {2 * read / copy / 1e9:.1f} GB/s here"
+    )
 
 
 def main() -> int:
