@@ -54,12 +54,14 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "state": t.state.name,
             "preset": t.user_attrs.get("preset", ""),
             "top1": values[0] if values else "",
-            "feasible": _feasible(t) if t.state == TrialState.COMPLETE else "",
+            # Pruned trials were feasible too (only feasible plans are trained).
+            "feasible": _feasible(t) if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else "",
             "macs": t.user_attrs.get("macs", ""),
             "flops": t.user_attrs.get("flops", ""),
             "params": t.user_attrs.get("params", ""),
             "latency_ms": t.user_attrs.get("latency_ms", ""),
             "converted_layers": t.user_attrs.get("converted", ""),
+            "same_as": t.user_attrs.get("same_as", ""),
             "seconds": t.duration.total_seconds() if t.duration else "",
         }
         for key, value in t.constraints.items():
@@ -201,7 +203,10 @@ def _device_name(device: str) -> str:
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     import platform
 
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return (
+        f"cpu ({platform.processor() or platform.machine()}, {threads} thread{'s' * (threads > 1)})"
+    )
 
 
 def write_report(study: optuna.Study, ctx: SearchContext) -> str:
@@ -253,8 +258,8 @@ def write_report(study: optuna.Study, ctx: SearchContext) -> str:
             )
         )
         lines.append(
-            f"latency ratio best/static {cmp['latency_ratio']:.2f} (batch 1, side by side); "
-            "FLOPs = 2 x MACs; measured = torch FlopCounterMode"
+            f"latency ratio best/static {cmp['latency_ratio']:.2f} (batch 1, median of "
+            "interleaved rounds' ratios); FLOPs = 2 x MACs; measured = torch FlopCounterMode"
         )
         lines.append(f"best plan: {folder / 'best.yaml'}")
     else:

@@ -50,11 +50,13 @@ class _Progress:
         self.start = time.monotonic()
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if not self.ctx.settings.progress:
+        if not self.ctx.settings.progress or "surplus" in trial.user_attrs:
             return
         total = self.ctx.settings.trials
         done = finished(study)
         what = str(trial.user_attrs.get("preset") or "sampled")
+        if "same_as" in trial.user_attrs:
+            what += f" (same plan as trial {trial.user_attrs['same_as']}, not retrained)"
         flops = trial.user_attrs.get("flops")
         cost = f"{format_count(flops)}FLOPs" if flops is not None else "?"
         if trial.state == TrialState.COMPLETE:
@@ -99,6 +101,10 @@ def _clock(seconds: float) -> str:
 
 def _worker_main(settings: SearchSettings, index: int) -> None:
     """Entry of a worker process (spawned): rebuild the context, run trials."""
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device.startswith("cuda"):
+        # N processes training on the CPU share its cores (oversubscribed threads spin).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
     try:
         ctx = prepare(settings)
         run_worker(ctx, on_trial=_Progress(ctx, prefix=f"[worker {index}] "))
@@ -122,7 +128,7 @@ def search(settings: SearchSettings) -> SearchOutcome:
             flush=True,
         )
     if settings.workers == 1:
-        run_worker(ctx, on_trial=_Progress(ctx))
+        run_worker(ctx, study=study, on_trial=_Progress(ctx))
     else:
         _run_processes(settings)
     study = open_study(ctx, create=False)

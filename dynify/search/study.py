@@ -12,10 +12,17 @@ are enqueued first, so the search always matches or beats them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import hashlib
+import json
 import math
+import os
 import re
+import socket
+import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,8 +48,10 @@ __all__ = [
     "OBJECTIVES",
     "SearchContext",
     "SearchSettings",
+    "has_heartbeat",
     "make_storage",
     "open_study",
+    "plan_key",
     "prepare",
     "run_worker",
 ]
@@ -51,6 +60,10 @@ OBJECTIVES: tuple[str, ...] = ("accuracy", "latency", "params")
 # Bundled recipes tried as the first trials when they fit the budget.
 PRESET_RECIPES: tuple[str, ...] = ("dycnn", "mobile", "condconv")
 STATIC = "static"
+FINISHED: tuple[optuna.trial.TrialState, ...] = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+)
 
 
 @dataclass(frozen=True)
@@ -185,7 +198,12 @@ def prepare(settings: SearchSettings) -> SearchContext:
         raise DynifyError(f"--trials must be >= 1, got {settings.trials}")
     if settings.workers < 1:
         raise DynifyError(f"--workers must be >= 1, got {settings.workers}")
-    _objectives(settings.objectives)
+    if settings.timeout is not None and not settings.timeout > 0:
+        raise DynifyError(f"--timeout must be > 0 seconds, got {settings.timeout}")
+    if settings.heartbeat < 1:
+        raise DynifyError(f"--heartbeat must be >= 1 second, got {settings.heartbeat}")
+    # " Accuracy, params" and "accuracy,params" are the same search (and the same study).
+    settings = dataclasses.replace(settings, objectives=_objectives(settings.objectives))
     device = _device(settings.device)
     model_name = settings.model or space.model
     data_spec = settings.data or space.data
@@ -372,11 +390,44 @@ def _worst(ctx: SearchContext) -> float | tuple[float, ...]:
     return 0.0 if len(objectives) == 1 else (0.0, math.inf)
 
 
+def plan_key(plan: Plan) -> str:
+    """A short hash of what a plan converts and how: equal plans (e.g. a sampled plan that
+    keeps every group static, whatever temperature it drew, and the static preset) share it."""
+    layers = sorted((lp.name, lp.settings.to_dict()) for lp in plan.converted)
+    text = json.dumps(layers, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _constrain(trial: optuna.Trial, constraints: dict[str, float]) -> None:
+    # A retried trial (the copy of one whose process died) inherits the constraints its
+    # original had recorded; Optuna keeps the first value and warns, the value is the same.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The constraint value is ignored")
+        for key, value in constraints.items():
+            trial.set_constraint(key, value)
+
+
+def _same_plan(trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
+    """A finished, feasible trial of this study that trained the same plan."""
+    for other in trial.study.get_trials(deepcopy=False, states=FINISHED):
+        if other.user_attrs.get("plan") == key and "same_as" not in other.user_attrs:
+            if all(v <= 0 for v in other.constraints.values()):
+                return other
+    return None
+
+
 def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, ...]:
+    """Price the trial's plan; if it fits, build it, measure its latency when a limit or an
+    objective needs it, fine-tune it and return the held-out top-1 (and the second
+    objective). A plan equal to one a finished trial trained is not trained again: that
+    trial's result is reused (training is deterministic for a plan)."""
     from dynify.train import finetune
 
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     plan = plan_of_trial(trial, ctx)
     totals = cost.price(plan)
+    key = plan_key(plan)
+    trial.set_user_attr("plan", key)
     trial.set_user_attr("macs", totals.macs)
     trial.set_user_attr("flops", totals.flops)
     trial.set_user_attr("params", totals.params)
@@ -384,11 +435,22 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, .
     constraints = _cost_constraints(ctx, plan)
     limit = _latency_limit(ctx)
     if any(v > 0 for v in constraints.values()):
-        for key, value in constraints.items():
-            trial.set_constraint(key, value)
         if limit is not None:
-            trial.set_constraint("latency", 0.0)  # not measured: the count already fails
+            constraints["latency"] = 0.0  # not measured: the count already fails
+        _constrain(trial, constraints)
         return _worst(ctx)
+
+    same = _same_plan(trial, key)
+    if same is not None:
+        trial.set_user_attr("same_as", same.number)
+        for attr in ("latency_ms", "top1_history", "images_per_s"):
+            if attr in same.user_attrs:
+                trial.set_user_attr(attr, same.user_attrs[attr])
+        _constrain(trial, {**constraints, **same.constraints})
+        if same.state == optuna.trial.TrialState.PRUNED:
+            raise optuna.TrialPruned(f"the same plan as trial {same.number}, which was pruned")
+        values = tuple(same.values)
+        return values[0] if len(values) == 1 else values
 
     model = apply(copy.deepcopy(ctx.base), plan, inplace=True, check=False, seed=ctx.settings.seed)
     latency_s = None
@@ -397,12 +459,16 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, .
         trial.set_user_attr("latency_ms", latency_s * 1e3)
         if limit is not None:
             constraints["latency"] = latency_s / limit - 1.0
-    for key, value in constraints.items():
-        trial.set_constraint(key, value)
+    _constrain(trial, constraints)
     if any(v > 0 for v in constraints.values()):
         return _worst(ctx)
 
+    single = len(ctx.settings.objectives) == 1
+
     def report(epoch: int, metrics: dict[str, Any]) -> None:
+        # Optuna prunes single-objective studies only (Trial.report raises otherwise).
+        if not single:
+            return
         trial.report(float(metrics["val_top1"]), epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch}: {metrics['val_top1']:.2f}% top-1")
@@ -424,13 +490,20 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, .
     top1 = float(result.top1 or 0.0)
     trial.set_user_attr("top1_history", [h["val_top1"] for h in result.history])
     trial.set_user_attr("images_per_s", result.images_per_s)
-    if len(ctx.settings.objectives) == 1:
+    if single:
         return top1
     second = ctx.settings.objectives[1]
+    assert latency_s is not None or second == "params"
     return (top1, latency_s * 1e3 if second == "latency" else float(totals.params))
 
 
 # -- storage and the study -------------------------------------------------------------------
+
+
+def has_heartbeat(settings: SearchSettings) -> bool:
+    """Whether the storage tracks trial heartbeats (SQLite and other RDB storages do; Optuna's
+    journal storage does not, so a trial whose process died stays RUNNING there)."""
+    return not (settings.storage or "").startswith("journal:")
 
 
 def make_storage(settings: SearchSettings) -> optuna.storages.BaseStorage:
@@ -447,6 +520,8 @@ def make_storage(settings: SearchSettings) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    shown = url
+    url = _with_driver(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 120}
@@ -466,10 +541,44 @@ def make_storage(settings: SearchSettings) -> optuna.storages.BaseStorage:
     except Exception as err:  # SQLAlchemy / driver errors: one line, naming the URL
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise DynifyError(
-            f"--storage {_redact(url)!r}: cannot open ({type(err).__name__}: {message[:160]}); "
+            f"--storage {_redact(shown)!r}: cannot open ({type(err).__name__}: {message[:160]}); "
             "accepted: sqlite:///FILE, postgresql://USER:PASS@HOST/DB, mysql://..., "
             "journal:PATH"
         ) from None
+
+
+# SQLAlchemy's default driver for a bare scheme, and the ones tried instead when it is missing
+# (SQLAlchemy 2.1 made psycopg 3 the PostgreSQL default; dynify's 'postgres' extra installs
+# psycopg2).
+_DRIVERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "postgresql": (("psycopg", "psycopg"), ("psycopg2", "psycopg2"), ("pg8000", "pg8000")),
+    "mysql": (
+        ("mysqldb", "MySQLdb"),
+        ("pymysql", "pymysql"),
+        ("mysqlconnector", "mysql.connector"),
+    ),
+}
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://...`` with an installed driver named (``postgresql+psycopg2://...``);
+    a URL that names its driver is left as it is. Missing every driver is a clear error."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if scheme == "postgres":  # the libpq spelling SQLAlchemy does not accept
+        scheme = "postgresql"
+    if not sep or scheme not in _DRIVERS:
+        return url
+    for driver, module in _DRIVERS[scheme]:
+        with contextlib.suppress(ImportError, ValueError):
+            if importlib.util.find_spec(module) is not None:
+                return f"{scheme}+{driver}://{rest}"
+    names = ", ".join(module for _, module in _DRIVERS[scheme])
+    hint = "pip install 'dynify[postgres]'" if scheme == "postgresql" else "pip install pymysql"
+    raise DynifyError(
+        f"--storage {_redact(url)!r}: no {scheme} driver is installed ({names}); {hint}"
+    )
 
 
 def _redact(url: str) -> str:
@@ -480,16 +589,30 @@ def study_name(ctx: SearchContext) -> str:
     if ctx.settings.study:
         return ctx.settings.study
     size = "x".join(map(str, ctx.space.input_size[1:]))
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{ctx.model_name}-{size}-{ctx.settings.budget}")
+    # The parsed budget, so 600MFLOPs and 0.6GFLOPs name the same study.
+    budget = str(ctx.budget).replace(" ", "")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{ctx.model_name}-{size}-{budget}")
 
 
 def _identity(ctx: SearchContext) -> dict[str, Any]:
     """What must be the same for processes to share a study."""
+    space = ctx.space
+    choices = {
+        "granularity": space.granularity,
+        "experts": list(space.experts),
+        "reduction": list(space.reduction),
+        "attention": list(space.attention),
+        "temperature": repr(space.temperature),
+        "training": repr(space.training),
+    }
     return {
         "model": ctx.model_name,
         "budget": str(ctx.budget),
-        "space": ctx.space.label,
-        "input_size": list(ctx.space.input_size),
+        "max_params": ctx.settings.max_params,
+        "max_latency": ctx.max_latency,
+        "space": space.label,
+        "choices": hashlib.sha256(json.dumps(choices).encode()).hexdigest()[:16],
+        "input_size": list(space.input_size),
         "objectives": list(ctx.settings.objectives),
         "weights": ctx.fingerprint,
         "groups": sorted(ctx.groups),
@@ -497,30 +620,45 @@ def _identity(ctx: SearchContext) -> dict[str, Any]:
 
 
 def open_study(ctx: SearchContext, *, create: bool) -> optuna.Study:
-    """Create (or load) the study; refuse one that was made for another search."""
+    """Create (``create``) or load the study; refuse one that was made for another search.
+
+    The process that creates the study enqueues the presets (once, even when several
+    processes start together) and seeds its sampler with ``--seed`` when it is the only
+    worker, so a fresh one-process run is reproducible. Every other process (a resume, a
+    ``--workers`` process, another machine) gets a freshly seeded sampler, so processes do
+    not all draw the same plans.
+    """
     storage = make_storage(ctx.settings)
     name = study_name(ctx)
-    directions = ["maximize"] + ["minimize"] * (len(ctx.settings.objectives) - 1)
+    maximize, minimize = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
+    directions = [maximize] + [minimize] * (len(ctx.settings.objectives) - 1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    identity = _identity(ctx)
+    created = False
+    if create:
+        try:
+            study_id = storage.create_new_study(directions, study_name=name)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            pass  # a resume, or another process made it first
+        else:
+            # Claim the presets at once: a process joining a moment later sees the claim and
+            # does not queue them again (the run-time check in _claim covers the rest).
+            storage.set_study_user_attr(study_id, "dynify", identity)
+            storage.set_study_user_attr(study_id, "presets_enqueued", list(ctx.presets))
     sampler = optuna.samplers.TPESampler(
-        seed=None if ctx.settings.workers > 1 else ctx.settings.seed,
+        seed=ctx.settings.seed if created and ctx.settings.workers == 1 else None,
         n_startup_trials=max(len(ctx.presets) + 2, 5),
         multivariate=True,
         constant_liar=True,
     )
     pruner = optuna.pruners.MedianPruner(n_startup_trials=len(ctx.presets) + 1, n_warmup_steps=0)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(
-            storage=storage,
-            study_name=name,
-            directions=directions,
-            sampler=sampler,
-            pruner=pruner,
-            load_if_exists=True,
-        )
-    except ValueError as err:
-        raise DynifyError(f"study {name!r}: {err}") from None
-    identity = _identity(ctx)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        raise DynifyError(
+            f"study {name!r} does not exist in {_redact(ctx.settings.storage or 'the run folder')}"
+        ) from None
     existing = study.user_attrs.get("dynify")
     if existing is None and create:
         study.set_user_attr("dynify", identity)
@@ -534,46 +672,149 @@ def open_study(ctx: SearchContext, *, create: bool) -> optuna.Study:
             f"study {name!r} in this storage belongs to another search ({diff}); "
             "use another --study name or --output folder"
         )
-    if create and not study.user_attrs.get("presets_enqueued"):
+    if list(study.directions) != directions:
+        raise DynifyError(
+            f"study {name!r} has {len(study.directions)} objective(s), this search "
+            f"{len(directions)}; use another --study name or --output folder"
+        )
+    # Presets: queued by the creator; a later process queues them only if the creator died
+    # before it could claim them.
+    if created or (create and "presets_enqueued" not in study.user_attrs):
+        if not created:
+            study.set_user_attr("presets_enqueued", list(ctx.presets))
         for preset in ctx.presets:
             params = static_params(ctx) if preset == STATIC else {}
             study.enqueue_trial(params, user_attrs={"preset": preset})
-        study.set_user_attr("presets_enqueued", list(ctx.presets))
     return study
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return study.get_trials(deepcopy=False, states=states)
+    return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+class _Surplus(Exception):
+    """Another process claimed the study's last trial first; this one is not run."""
+
+
+def _claim(
+    trial: optuna.Trial, ctx: SearchContext, *, heartbeat: bool = True
+) -> float | tuple[float, ...]:
+    """Run ``trial`` unless another trial has it covered:
+
+    - a preset that another live trial (finished, running or queued ahead of it) already
+      runs: two processes that opened a new study together may both have queued the presets;
+    - with a heartbeat, a trial the trials before it (finished or running) leave no room for:
+      two processes may ask for the study's last trial at the same moment, and the one with
+      the higher number steps aside, so the study ends with exactly ``--trials`` finished.
+    """
+    trials = trial.study.get_trials(deepcopy=False)
+    mine = next(t for t in trials if t.number == trial.number)
+    preset = mine.user_attrs.get("preset")
+    live = (*FINISHED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    if preset is not None and any(
+        t.user_attrs.get("preset") == preset and t.state in live and t.number < trial.number
+        for t in trials
+    ):
+        note = f"not run: the {preset} preset is run by an earlier trial"
+        trial.set_user_attr("surplus", note)
+        raise _Surplus(note)
+    if heartbeat:
+        ahead = [
+            t
+            for t in trials
+            if t.number < trial.number
+            and (t.state in FINISHED or t.state == optuna.trial.TrialState.RUNNING)
+        ]
+        if len(ahead) >= ctx.settings.trials:
+            note = f"not run: the study already had {len(ahead)} finished or running trials"
+            trial.set_user_attr("surplus", note)
+            if "fixed_params" in mine.system_attrs or "failed_trial" in mine.system_attrs:
+                # It was a queued trial (a preset or a retry): put it back in the queue.
+                trial.study.add_trial(
+                    optuna.trial.create_trial(
+                        state=optuna.trial.TrialState.WAITING,
+                        params=mine.params,
+                        distributions=mine.distributions,
+                        user_attrs={k: v for k, v in mine.user_attrs.items() if k != "surplus"},
+                        system_attrs=dict(mine.system_attrs),
+                    )
+                )
+            raise _Surplus(note)
+    return objective(trial, ctx)
 
 
 def run_worker(
     ctx: SearchContext,
     *,
+    study: optuna.Study | None = None,
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
 ) -> optuna.Study:
-    """Run trials in this process until the study has ``trials`` finished ones (counted over
-    every process sharing it) or the timeout passes."""
+    """Run trials in this process until the study has ``trials`` finished ones (COMPLETE or
+    PRUNED, counted over every process sharing it) or the timeout passes.
+
+    With a heartbeat (RDB storages), trials running elsewhere count too: when they are the
+    last ones, this process waits for them, and runs the retry of any whose process died.
+    Without one (journal storage), only finished trials count, so N processes may end up to
+    N - 1 trials past ``trials``.
+
+    ``study``: the one :func:`open_study` returned in this process (its sampler is seeded
+    when this process created the study); by default the study is loaded.
+    """
     from dynify.train import TrainingDiverged
 
-    study = open_study(ctx, create=False)
-    remaining = ctx.settings.trials - len(finished(study))
-    if remaining <= 0:
-        return study
-    callbacks: list[Any] = [
-        optuna.study.MaxTrialsCallback(
-            ctx.settings.trials,
-            states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
-        )
-    ]
+    if study is None:
+        study = open_study(ctx, create=False)
+    target = ctx.settings.trials
+    heartbeat = has_heartbeat(ctx.settings)
+    poll = min(float(ctx.settings.heartbeat), 5.0)
+    deadline = None if ctx.settings.timeout is None else time.monotonic() + ctx.settings.timeout
+    ran: list[optuna.trial.FrozenTrial] = []
+    callbacks = [lambda _study, trial: ran.append(trial)]
     if on_trial is not None:
         callbacks.append(on_trial)
-    study.optimize(
-        lambda trial: objective(trial, ctx),
-        n_trials=remaining,
-        timeout=ctx.settings.timeout,
-        callbacks=callbacks,
-        catch=(TrainingDiverged,),
-        gc_after_trial=True,
-    )
+    failures = 0
+    while deadline is None or time.monotonic() < deadline:
+        if heartbeat:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # and queue their retries
+        trials = study.get_trials(deepcopy=False)
+        done = sum(t.state in FINISHED for t in trials)
+        if done >= target:
+            break
+        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+        if heartbeat and done + running >= target:
+            time.sleep(poll)  # the last trials run elsewhere; take over if one dies
+            continue
+        try:
+            study.optimize(
+                lambda trial: _claim(trial, ctx, heartbeat=heartbeat),
+                n_trials=1,
+                callbacks=callbacks,
+                catch=(TrainingDiverged, _Surplus),
+                gc_after_trial=True,
+            )
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # This process's heartbeat was late (a stall, a network cut): another process
+            # declared the trial dead and queued its retry, which counts instead.
+            print(
+                "warning: a trial of this process was declared dead by another; its retry "
+                "counts instead",
+                file=sys.stderr,
+                flush=True,
+            )
+        if (
+            ran
+            and ran[-1].state == optuna.trial.TrialState.FAIL
+            and "surplus" not in ran[-1].user_attrs
+        ):
+            failures += 1
+            if failures >= max(3, target):
+                print(
+                    f"warning: {failures} trials failed in this process (training diverged); "
+                    "stopping it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                break
     return study
