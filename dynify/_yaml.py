@@ -8,6 +8,7 @@ at fault (``recipes/mobile.yaml:14: rules[2].select.kernal_size: unknown key (di
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import yaml
 from dynify.errors import DynifyError, did_you_mean
 
 __all__ = ["Doc", "load_yaml_file", "parse_yaml"]
+
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Doc:
     def number(
         self, value: Any, path: str, *, minimum: float | None = None, exclusive: bool = False
     ) -> float:
+        if isinstance(value, str) and _EXPONENT.match(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(path, f"expected a number{_min(minimum, exclusive)}, got {value!r}")
         if minimum is not None and (value <= minimum if exclusive else value < minimum):

@@ -157,6 +157,15 @@ def load_space(space: SearchSpace | str | os.PathLike[str] | None) -> SearchSpac
     return parse_space(load_yaml_file(path))
 
 
+def _choices(doc: Doc, value: Any, path: str, item: Any) -> tuple:
+    """``doc.one_or_list`` that also refuses a value listed twice (a choice is a set)."""
+    values = doc.one_or_list(value, path, item)
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise doc.error(f"{path}[{i}]", f"{v!r} is listed twice")
+    return values
+
+
 def parse_space(doc: Doc) -> SearchSpace:
     """Validate a parsed YAML document as a search space."""
     if doc.data is None:
@@ -186,11 +195,12 @@ def parse_space(doc: Doc) -> SearchSpace:
 
     kwargs: dict[str, Any] = {}
     if "experts" in choices:
-        kwargs["experts"] = doc.one_or_list(choices["experts"], "choices.experts", ints)
+        kwargs["experts"] = _choices(doc, choices["experts"], "choices.experts", ints)
     if "reduction" in choices:
-        kwargs["reduction"] = doc.one_or_list(choices["reduction"], "choices.reduction", ints)
+        kwargs["reduction"] = _choices(doc, choices["reduction"], "choices.reduction", ints)
     if "attention" in choices:
-        kwargs["attention"] = doc.one_or_list(
+        kwargs["attention"] = _choices(
+            doc,
             choices["attention"],
             "choices.attention",
             lambda v, p: doc.choice(v, p, ATTENTION_KINDS),
@@ -221,10 +231,10 @@ def _temperature(doc: Doc, raw: Any) -> TemperatureChoices:
     kwargs: dict[str, Any] = {}
     for key, item in (("start", positive), ("end", positive), ("length", length)):
         if key in entry:
-            kwargs[key] = doc.one_or_list(entry[key], f"temperature.{key}", item)
+            kwargs[key] = _choices(doc, entry[key], f"temperature.{key}", item)
     if "shape" in entry:
-        kwargs["shape"] = doc.one_or_list(
-            entry["shape"], "temperature.shape", lambda v, p: doc.choice(v, p, SCHEDULE_SHAPES)
+        kwargs["shape"] = _choices(
+            doc, entry["shape"], "temperature.shape", lambda v, p: doc.choice(v, p, SCHEDULE_SHAPES)
         )
     if "unit" in entry:
         kwargs["unit"] = doc.choice(entry["unit"], "temperature.unit", SCHEDULE_UNITS)
