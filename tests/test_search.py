@@ -1,0 +1,615 @@
+"""``dynify search`` end to end with real components: a timm model (``test_resnet``, 8 MFLOPs
+at 32x32), a tiny image set the tests write (tests/_imagedata.py), Optuna studies in SQLite
+(and PostgreSQL when ``DYNIFY_TEST_POSTGRES_URL`` names a server), the real training loop.
+
+Budget: 9.5 MFLOPs. The static model (8.20 MFLOPs) and the bundled ``mobile`` recipe (9.18)
+fit it; ``dycnn`` (11.2) and ``condconv`` (13.2) do not, and a stage-4 group at K >= 4 (10.4
+MFLOPs alone) never does, so about half of the sampled plans are over budget.
+
+Every process trains with one thread: the test machines' cores are shared, and oversubscribed
+threads make a 3-second trial take a minute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+from _imagedata import write_image_folder
+from optuna.trial import TrialState
+
+import dynify
+import dynify.search.study as study_module
+import dynify.train
+from dynify.cli import main
+from dynify.errors import DynifyError
+from dynify.recipe import load_recipe
+from dynify.search.report import _recipe_text
+from dynify.search.study import (
+    SearchSettings,
+    make_storage,
+    open_study,
+    plan_key,
+    plan_of_trial,
+    prepare,
+    run_worker,
+)
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = "9.5MFLOPs"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def space_yaml(*, epochs: int = 2, lr: float = 0.05, train_images: int = 64) -> str:
+    return f"""\
+version: 1
+description: tiny test space
+model: test_resnet
+input_size: [3, 32, 32]
+candidates:
+  rules:
+    - {{select: {{stem: true}}, convert: false}}
+    - {{select: {{classifier: true}}, convert: false}}
+granularity: stage
+choices:
+  experts: [1, 2, 4, 8]
+  reduction: [4]
+  attention: [softmax]
+temperature:
+  start: [10, 30]
+  end: [1]
+  length: [1]
+  shape: [linear]
+  unit: epoch
+training:
+  epochs: {epochs}
+  train_images: {train_images}
+  val_images: 32
+  batch_size: 16
+  lr: {lr}
+  workers: 0
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("search")
+    data = write_image_folder(root / "images", 30)  # 120 images; 108 after the 10% holdout
+    space = root / "space.yaml"
+    space.write_text(space_yaml())
+    return SimpleNamespace(root=root, data=data, space=space)
+
+
+def search_args(files: SimpleNamespace, output: Path, *extra: str, trials: int = 8) -> list[str]:
+    return [
+        "search", "--space", str(files.space), "--data", str(files.data), "--budget", BUDGET,
+        "--trials", str(trials), "--output", str(output), "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def counting_finetune():
+    """Count the real training loop's calls (the search looks it up at call time), and the
+    models the search builds (``calls.built``)."""
+    calls = Calls()
+    real_finetune, real_apply = dynify.train.finetune, study_module.apply
+
+    def finetune(**kwargs):
+        calls.append(kwargs["epochs"])
+        return real_finetune(**kwargs)
+
+    def apply(*args, **kwargs):
+        calls.built += 1
+        return real_apply(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dynify.train, "finetune", finetune)
+        mp.setattr(study_module, "apply", apply)
+        yield calls
+
+
+class Calls(list):
+    built = 0
+
+
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def load(output: Path, name: str | None = None) -> optuna.Study:
+    storage = f"sqlite:///{output / 'study.db'}"
+    if name is None:
+        (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def done(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def feasible(t: optuna.trial.FrozenTrial) -> bool:
+    return all(v <= 0 for v in t.constraints.values())
+
+
+def settings_for(files: SimpleNamespace, output: Path, **kw) -> SearchSettings:
+    base = dict(budget=BUDGET, trials=8, device="cpu", progress=False, space=str(files.space))
+    return SearchSettings(**{**base, "data": str(files.data), "output": str(output), **kw})
+
+
+# -- one real search, inspected by several tests ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(files: SimpleNamespace) -> SimpleNamespace:
+    output = files.root / "run"
+    with counting_finetune() as calls:
+        start = time.monotonic()
+        code, out, err = run_main(search_args(files, output))
+        seconds = time.monotonic() - start
+    assert code == 0, err
+    return SimpleNamespace(
+        output=output, out=out, err=err, calls=calls, study=load(output), seconds=seconds
+    )
+
+
+def test_presets_are_the_first_trials(run: SimpleNamespace) -> None:
+    trials = run.study.trials
+    assert [t.user_attrs.get("preset") for t in trials[:2]] == ["static", "mobile"]
+    assert not any(t.user_attrs.get("preset") for t in trials[2:])  # dycnn, condconv: over
+    static, mobile = trials[0], trials[1]
+    assert static.user_attrs["converted"] == 0 and static.user_attrs["flops"] == 8_196_864
+    assert mobile.user_attrs["converted"] == 4 and feasible(static) and feasible(mobile)
+    assert run.study.user_attrs["presets_enqueued"] == ["static", "mobile"]
+
+
+def test_infeasible_plans_are_priced_not_trained(run: SimpleNamespace) -> None:
+    trials = run.study.trials
+    assert len(trials) == len(done(run.study)) == 8
+    over = [t for t in trials if not feasible(t)]
+    assert over, "the seeded sampler drew no plan over the budget"
+    for t in over:
+        assert t.state == TrialState.COMPLETE and t.constraints["budget"] > 0
+        assert t.constraints["budget"] == pytest.approx(t.user_attrs["flops"] / 9.5e6 - 1)
+        assert t.value == 0.0 and t.intermediate_values == {}
+        assert "top1_history" not in t.user_attrs
+        assert t.duration.total_seconds() < 3.0  # priced, never built or trained
+    trained = [t for t in trials if feasible(t) and "same_as" not in t.user_attrs]
+    # One model built and trained per feasible plan, none for plans over budget or seen before.
+    assert len(run.calls) == run.calls.built == len(trained) and set(run.calls) == {2}
+    slowest_priced = max(t.duration for t in over)
+    assert all(t.duration > slowest_priced for t in trained)
+
+
+def test_feasible_trials_report_every_epoch(run: SimpleNamespace) -> None:
+    trained = [t for t in run.study.trials if feasible(t) and "same_as" not in t.user_attrs]
+    assert len(trained) >= 3
+    for t in trained:
+        assert t.constraints["budget"] <= 0
+        if t.state == TrialState.PRUNED:  # stopped after epoch 1, below the median
+            assert sorted(t.intermediate_values) == [1] and "top1_history" not in t.user_attrs
+            continue
+        assert sorted(t.intermediate_values) == [1, 2]  # one report per epoch
+        assert t.user_attrs["top1_history"] == [t.intermediate_values[1], t.value]
+        assert 0.0 <= t.value <= 100.0
+    for t in run.study.trials:  # a plan seen before is not trained twice
+        if "same_as" in t.user_attrs:
+            first = run.study.trials[t.user_attrs["same_as"]]
+            assert t.user_attrs["plan"] == first.user_attrs["plan"] and t.value == first.value
+    keys = [t.user_attrs["plan"] for t in trained]
+    assert len(keys) == len(set(keys))
+
+
+def test_best_is_feasible_and_beats_or_matches_static(run: SimpleNamespace) -> None:
+    summary = json.loads((run.output / "summary.json").read_text())
+    best = run.study.trials[summary["best"]["trial"]]
+    static = run.study.trials[0]
+    assert feasible(best) and best.state == TrialState.COMPLETE
+    assert best.value >= static.value
+    complete = [t for t in run.study.trials if t.state == TrialState.COMPLETE]
+    assert best.value == max(t.value for t in complete if feasible(t))
+    assert summary["best"]["static"]["top1"] == static.value
+    assert summary["best"]["best"]["flops"] <= 9.5e6
+    assert summary["best"]["static"]["flops"] == summary["best"]["static"]["measured_flops"]
+    assert summary["trials"].get("COMPLETE", 0) + summary["trials"].get("PRUNED", 0) == 8
+
+
+def _layers(plan) -> list[tuple]:
+    return [
+        (lp.name, lp.settings.experts, lp.settings.reduction, lp.settings.temperature)
+        for lp in plan.converted
+    ]
+
+
+def _converted(path: Path) -> list[tuple]:
+    return _layers(dynify.plan_of(dynify.load(path)))
+
+
+def _expected(trial, ctx) -> list[tuple]:
+    return _layers(plan_of_trial(trial, ctx))
+
+
+def test_best_yaml_reproduces_the_best_plan(run: SimpleNamespace, files, tmp_path: Path) -> None:
+    summary = json.loads((run.output / "summary.json").read_text())
+    best = run.study.trials[summary["best"]["trial"]]
+    text = (run.output / "best.yaml").read_text()
+    assert "reproduce: dynify convert test_resnet --recipe THIS_FILE --input-size 3,32,32" in text
+    load_recipe(run.output / "best.yaml")  # a valid recipe
+
+    ctx = prepare(settings_for(files, run.output))
+    art = tmp_path / "best.safetensors"
+    size = ["--input-size", "3,32,32"]
+    best_yaml = str(run.output / "best.yaml")
+    code, _, err = run_main(
+        ["convert", "test_resnet", "--recipe", best_yaml, "--output", str(art), *size]
+    )
+    assert code == 0, err
+    assert _converted(art) == _expected(best, ctx)
+
+    # The same file format for a dynamic plan (the best may well be the static model): the
+    # recipe of the feasible trial that converts the most layers.
+    dynamic = max(
+        (t for t in run.study.trials if feasible(t)), key=lambda t: t.user_attrs["converted"]
+    )
+    assert dynamic.user_attrs["converted"] > 0
+    recipe = tmp_path / "dynamic.yaml"
+    recipe.write_text(_recipe_text(dynamic, ctx, "plan"))
+    art2 = tmp_path / "dynamic.safetensors"
+    code, _, err = run_main(
+        ["convert", "test_resnet", "--recipe", str(recipe), "--output", str(art2), *size]
+    )
+    assert code == 0, err
+    assert _converted(art2) == _expected(dynamic, ctx) and len(_converted(art2)) > 0
+
+
+def test_run_folder_and_printed_summary(run: SimpleNamespace) -> None:
+    with open(run.output / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["number"]) for r in rows] == [t.number for t in run.study.trials]
+    for row, t in zip(rows, run.study.trials, strict=True):
+        assert row["state"] == t.state.name and row["preset"] == t.user_attrs.get("preset", "")
+        assert row["top1"] == ("" if t.value is None else str(t.value))
+        assert int(row["flops"]) == t.user_attrs["flops"]
+        assert float(row["constraint.budget"]) == pytest.approx(t.constraints["budget"])
+        assert row["feasible"] == str(feasible(t))
+    for name in ("history.png", "pareto.png"):
+        data = (run.output / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+    out = run.out
+    assert "0/8 trials done, device cpu" in out
+    assert "trial 0 (1/8) static: " in out and "trial 7 (8/8) " in out and "left" in out
+    summary = out[out.index("search: test_resnet, budget ") :]
+    first = summary.splitlines()[0]
+    assert "space space, device cpu (" in first and first.endswith(", 1 thread)"), first
+    for row in ("top1", "macs", "flops", "measured_flops", "params", "latency_ms"):
+        assert f"\n{row} " in summary
+    assert "best plan: " in summary and str(run.output / "best.yaml") in summary
+    assert sorted(p.name for p in run.output.iterdir()) == [
+        "best.yaml", "history.png", "pareto.png", "study.db", "summary.json", "trials.csv",
+    ]  # fmt: skip
+
+
+def test_rerun_resumes_without_repeating(run: SimpleNamespace, files, tmp_path: Path) -> None:
+    """The same command again: nothing to do. With --trials 9: exactly one more trial, and
+    the presets are not queued again."""
+    output = tmp_path / "resumed"
+    output.mkdir()
+    (output / "study.db").write_bytes((run.output / "study.db").read_bytes())
+    before = [(t.number, t.value, t.params) for t in run.study.trials]
+    with counting_finetune() as calls:
+        code, out, err = run_main(search_args(files, output))
+    assert code == 0, err
+    assert calls == [] and "8/8 trials done" in out
+    with counting_finetune() as calls:
+        code, out, err = run_main(search_args(files, output, trials=9))
+    assert code == 0, err
+    study = load(output)
+    assert [(t.number, t.value, t.params) for t in study.trials[:8]] == before
+    assert len(study.trials) == 9 and len(done(study)) == 9
+    assert not study.trials[8].user_attrs.get("preset")
+    assert len(calls) == (1 if feasible(study.trials[8]) and "same_as" not in
+                          study.trials[8].user_attrs else 0)  # fmt: skip
+
+
+# -- the pruner, multi-objective mode --------------------------------------------------------
+
+
+def test_the_median_pruner_stops_a_poor_trial_after_one_epoch(files, tmp_path: Path) -> None:
+    """Three finished trials reached 100% at every epoch; a trial whose learning rate is too
+    small to learn anything is stopped after its first epoch."""
+    space = tmp_path / "slow-learner.yaml"
+    space.write_text(space_yaml(epochs=3, lr=1e-7))
+    settings = settings_for(files, tmp_path / "out", space=str(space), budget="1GFLOPs")
+    ctx = prepare(settings)
+    ctx.presets = []  # the reference trials below stand for them
+    study = open_study(ctx, create=True)
+    for _ in range(3):
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=100.0,
+                intermediate_values={1: 100.0, 2: 100.0, 3: 100.0},
+                user_attrs={"plan": "reference"},
+            )
+        )
+    with counting_finetune() as calls:
+        run_worker(dataclasses_replace(ctx, trials=4))
+    trial = study.trials[-1]
+    assert trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [1] and trial.intermediate_values[1] < 100.0
+    assert calls == [3]  # the 3-epoch run stopped after epoch 1
+    assert feasible(trial) and trial.constraints["budget"] < 0
+
+
+def dataclasses_replace(ctx, **settings):
+    import dataclasses
+
+    ctx.settings = dataclasses.replace(ctx.settings, **settings)
+    return ctx
+
+
+def test_multi_objective_returns_a_pareto_front(files, tmp_path: Path) -> None:
+    output = tmp_path / "pareto"
+    code, out, err = run_main(
+        search_args(files, output, "--objectives", "accuracy, params", trials=5)
+    )
+    assert code == 0, err
+    study = load(output)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert len(done(study)) == 5
+    front = study.best_trials
+    assert front and all(feasible(t) for t in front)
+    files_ = sorted((output / "front").glob("*.yaml"))
+    assert [p.name for p in files_] == [f"trial_{t.number:04d}.yaml" for t in sorted(
+        front, key=lambda t: t.number)]  # fmt: skip
+    ctx = prepare(settings_for(files, output, objectives=("accuracy", "params")))
+    for t in front:
+        assert t.values[1] == t.user_attrs["params"]
+        recipe = load_recipe(output / "front" / f"trial_{t.number:04d}.yaml")
+        assert plan_key(dynify.resolve_plan(ctx.trace, recipe)) == t.user_attrs["plan"]
+    # No feasible trial dominates a front member.
+    for t in front:
+        for o in (o for o in done(study) if feasible(o) and o.state == TrialState.COMPLETE):
+            assert not (o.values[0] >= t.values[0] and o.values[1] < t.values[1])
+            assert not (o.values[0] > t.values[0] and o.values[1] <= t.values[1])
+    assert "Pareto front: " in out and "best.yaml" not in os.listdir(output)
+    # Multi-objective trials are not reported to the pruner (Optuna refuses it) ...
+    assert all(t.intermediate_values == {} for t in study.trials)
+    # ... but their accuracies per epoch are kept.
+    assert all(len(t.user_attrs["top1_history"]) == 2 for t in front)
+
+
+# -- refusals and exit codes -----------------------------------------------------------------
+
+
+def test_a_budget_below_the_static_model_is_refused_before_training(files, tmp_path) -> None:
+    output = tmp_path / "refused"
+    with counting_finetune() as calls:
+        code, out, err = run_main(_with(search_args(files, output), ["--budget", "5MFLOPs"]))
+    assert code == 2 and calls == [] and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dynify search: error: budget 5.00 MFLOPs is below the static")
+    assert "(test_resnet at 3x32x32: 8.20 MFLOPs)" in lines[0]
+    assert not output.exists()  # no study was even created
+
+    with pytest.raises(DynifyError, match="--max-params 100000 is below the static model's "
+                       "373,076 parameters"):  # fmt: skip
+        prepare(settings_for(files, output, max_params=1e5))
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (["--budget", "600 bananas"], ["budget '600 bananas' is not understood", "600MFLOPs"]),
+        (["--data", "/nonexistent/images"], ["data '/nonexistent/images': no such file"]),
+        (["resnet_nope"], ["unknown model 'resnet_nope'"]),
+        (["--space", "defualt"], ["did you mean 'default'?"]),
+        (["--objectives", "params"], ["--objectives 'params'", "accuracy,params"]),
+        (["--trials", "0"], ["--trials must be >= 1"]),
+        (["--device", "tpu"], ["--device must be cpu or cuda"]),
+        (["--max-latency", "5MFLOPs"], ["--max-latency '5MFLOPs': give a time"]),
+    ],
+)
+def test_bad_arguments_are_exit_2_in_one_line(files, tmp_path, change, words) -> None:
+    args = _with(search_args(files, tmp_path / "out"), change)
+    with counting_finetune() as calls:
+        code, _, err = run_main(args)
+    assert code == 2 and calls == [], (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dynify search: error: "), err
+    for word in words:
+        assert word in lines[0]
+
+
+def _with(args: list[str], change: list[str]) -> list[str]:
+    """``args`` with an option replaced (``--x v``) or a positional MODEL added."""
+    args = list(args)
+    if not change[0].startswith("--"):
+        return [args[0], change[0], *args[1:]]
+    if change[0] in args:
+        args[args.index(change[0]) + 1] = change[1]
+    else:
+        args += change
+    return args
+
+
+def test_the_real_command_prints_no_traceback(files, tmp_path: Path) -> None:
+    args = search_args(files, tmp_path / "out")
+    args[args.index("--budget") + 1] = "1MFLOPs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynify", *args],
+        capture_output=True, text=True, timeout=600, env=ENV,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "below the static model's own cost (test_resnet at 3x32x32: 8.20 MFLOPs)" in line
+
+
+# -- several processes, kills and PostgreSQL (slow) ------------------------------------------
+
+
+def _spawn(files, output: Path, *extra: str, trials: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dynify", *search_args(files, output, *extra, trials=trials)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+
+def _check_shared_study(study: optuna.Study, trials: int, killed: tuple[int, ...] = ()) -> None:
+    """Exactly ``trials`` finished trials, nothing left running or queued, presets once."""
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.RUNNING) == 0 and states.count(TrialState.WAITING) == 0
+    finished = done(study)
+    assert len(finished) == trials, [(t.number, t.state.name) for t in study.trials]
+    presets = [t.user_attrs.get("preset") for t in finished if t.user_attrs.get("preset")]
+    assert sorted(presets) == ["mobile", "static"]
+    # Failed trials here can only be killed ones and surplus claims (two processes asking for
+    # the last trial at the same moment).
+    for t in study.trials:
+        if t.state == TrialState.FAIL and t.number not in killed:
+            assert "surplus" in t.user_attrs, t
+
+
+@pytest.mark.slow
+def test_two_worker_processes_share_one_sqlite_study(files, tmp_path: Path) -> None:
+    output = tmp_path / "workers"
+    proc = _spawn(files, output, "--workers", "2", trials=8)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    study = load(output)
+    _check_shared_study(study, 8)
+    workers = {t.user_attrs["worker"] for t in done(study)}
+    assert len(workers) == 2, workers  # both processes ran trials
+    assert "[worker 0] trial" in out and "[worker 1] trial" in out
+    assert "trials: 8 complete" in out or "pruned" in out
+
+
+def _states(db: Path) -> dict[int, str]:
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+            return dict(con.execute("SELECT number, state FROM trials").fetchall())
+    except sqlite3.OperationalError:  # not created yet
+        return {}
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_losing_or_repeating_trials(files, tmp_path: Path) -> None:
+    output = tmp_path / "killed"
+    trials = 5
+    proc = _spawn(files, output, "--heartbeat", "1", trials=trials)
+    db = output / "study.db"
+    deadline = time.monotonic() + 600
+    killed_number = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        states = _states(db)
+        complete = [n for n, s in states.items() if s == "COMPLETE"]
+        running = [n for n, s in states.items() if s == "RUNNING"]
+        if complete and running:
+            # Only a training trial stays RUNNING for long: check it is mid-way.
+            time.sleep(0.5)
+            if _states(db).get(running[0]) == "RUNNING":
+                killed_number = running[0]
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        time.sleep(0.1)
+    proc.wait(timeout=60)
+    assert killed_number is not None, "no trial was running after another had finished"
+    assert proc.returncode == -signal.SIGKILL
+    before = {t.number: t for t in load(output).trials}
+    finished_before = {n: (t.value, t.params) for n, t in before.items() if t.state.is_finished()}
+    assert before[killed_number].state == TrialState.RUNNING and finished_before
+
+    # The same command (same heartbeat) resumes.
+    proc = _spawn(files, output, "--heartbeat", "1", trials=trials)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    study = load(output)
+    after = {t.number: t for t in study.trials}
+    # No finished trial lost or changed...
+    assert {n: (after[n].value, after[n].params) for n in finished_before} == finished_before
+    # ... the killed one failed, and a copy of it (a WAITING trial, same plan) finished.
+    assert after[killed_number].state == TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed_number]
+    assert len(retries) == 1 and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retries[0].params == before[killed_number].params
+    assert retries[0].user_attrs.get("preset") == before[killed_number].user_attrs.get("preset")
+    assert retries[0].user_attrs["plan"] == before[killed_number].user_attrs["plan"]
+    # ... and exactly --trials finished trials; the only copy of a trial is that retry.
+    _check_shared_study(study, trials, killed=(killed_number,))
+    copies = [t for t in study.trials if "failed_trial" in t.system_attrs]
+    assert copies == retries
+    assert f"{len(finished_before)}/{trials} trials done" in out
+
+
+def _postgres_url() -> str:
+    url = os.environ.get("DYNIFY_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("DYNIFY_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server)")
+    try:
+        import psycopg2
+    except ImportError:
+        pytest.skip("psycopg2 is not installed (pip install -e '.[test]')")
+    try:
+        psycopg2.connect(url, connect_timeout=5).close()
+    except psycopg2.OperationalError as err:
+        reason = str(err).strip().splitlines()[0]
+        pytest.skip(f"no PostgreSQL server reachable at DYNIFY_TEST_POSTGRES_URL ({reason})")
+    return url
+
+
+@pytest.mark.slow
+def test_two_machines_share_one_postgresql_study(files, tmp_path: Path) -> None:
+    """Two independent ``dynify search`` processes (as on two machines: separate run folders)
+    join one study through ``--storage postgresql://... --study NAME``."""
+    url = _postgres_url()
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    shared = ("--storage", url, "--study", name)
+    procs = [_spawn(files, tmp_path / f"machine{i}", *shared, trials=8) for i in range(2)]
+    try:
+        results = [p.communicate(timeout=900) for p in procs]
+        for p, (_, err) in zip(procs, results, strict=True):
+            assert p.returncode == 0, err
+        storage = make_storage(SearchSettings(budget=BUDGET, storage=url))
+        study = optuna.load_study(study_name=name, storage=storage)
+        _check_shared_study(study, 8)
+        workers = {t.user_attrs["worker"] for t in done(study)}
+        assert len(workers) == 2, workers
+        for i, (out, _) in enumerate(results):  # each machine writes the same report
+            assert f"{url.split('@')[0].rsplit(':', 1)[0]}:***@" in out
+            assert (tmp_path / f"machine{i}" / "trials.csv").exists()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        with contextlib.suppress(KeyError):
+            storage = make_storage(SearchSettings(budget=BUDGET, storage=url))
+            optuna.delete_study(study_name=name, storage=storage)
