@@ -405,6 +405,27 @@ def test_multi_objective_returns_a_pareto_front(files, tmp_path: Path) -> None:
     assert all(len(t.user_attrs["top1_history"]) == 2 for t in front)
 
 
+def test_a_journal_file_study_runs_and_resumes(files, tmp_path: Path) -> None:
+    """``--storage journal:PATH`` (a file on a shared file system): the same search, no
+    heartbeat; rerunning the command finds the study finished."""
+    journal = tmp_path / "shared" / "study.log"
+    args = search_args(files, tmp_path / "out", "--storage", f"journal:{journal}", trials=3)
+    args += ["--study", "shared-study"]
+    code, out, err = run_main(args)
+    assert code == 0, err
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name="shared-study", storage=storage)
+    assert len(done(study)) == 3 and len(study.trials) == 3
+    assert [t.user_attrs.get("preset") for t in study.trials[:2]] == ["static", "mobile"]
+    assert f"storage journal:{journal}" in out and (tmp_path / "out" / "best.yaml").exists()
+    assert not (tmp_path / "out" / "study.db").exists()
+    with counting_finetune() as calls:
+        code, out, err = run_main(args)
+    assert code == 0 and calls == [] and "3/3 trials done" in out, err
+
+
 # -- refusals and exit codes -----------------------------------------------------------------
 
 
@@ -436,6 +457,11 @@ def test_a_budget_below_the_static_model_is_refused_before_training(files, tmp_p
         (["--trials", "0"], ["--trials must be >= 1"]),
         (["--device", "tpu"], ["--device must be cpu or cuda"]),
         (["--max-latency", "5MFLOPs"], ["--max-latency '5MFLOPs': give a time"]),
+        (
+            ["--space", "default", "--budget", "600MFLOPs"],
+            ["has 108 training images; the space 'default' asks for 5,000 held out"],
+        ),
+        (["--storage", "mysql://u:secret@localhost/db"], ["'mysql://u:***@localhost/db'"]),
     ],
 )
 def test_bad_arguments_are_exit_2_in_one_line(files, tmp_path, change, words) -> None:
@@ -450,14 +476,15 @@ def test_bad_arguments_are_exit_2_in_one_line(files, tmp_path, change, words) ->
 
 
 def _with(args: list[str], change: list[str]) -> list[str]:
-    """``args`` with an option replaced (``--x v``) or a positional MODEL added."""
+    """``args`` with options replaced (``--x v ...``) or a positional MODEL added."""
     args = list(args)
     if not change[0].startswith("--"):
         return [args[0], change[0], *args[1:]]
-    if change[0] in args:
-        args[args.index(change[0]) + 1] = change[1]
-    else:
-        args += change
+    for option, value in zip(change[::2], change[1::2], strict=True):
+        if option in args:
+            args[args.index(option) + 1] = value
+        else:
+            args += [option, value]
     return args
 
 

@@ -28,7 +28,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--space", default=None, help="search space YAML or bundled name (default)")
     p.add_argument("--data", default=None, help="training data (default: the space's)")
     p.add_argument("--trials", type=int, default=20, help="finished trials to reach (total)")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no trial after this many seconds (of this command)",
+    )
     p.add_argument("--output", default="runs/search", metavar="DIR", help="run folder")
     p.add_argument(
         "--storage",
@@ -38,7 +44,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "mysql://..., journal:PATH",
     )
     p.add_argument("--study", default=None, metavar="NAME", help="study name (to share one)")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="processes here")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes on this machine (one GPU each where there are several)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument(
         "--max-params",
@@ -62,7 +74,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=60,
         metavar="SECONDS",
-        help="trial heartbeat; a dead worker's trial is retried after 2x this",
+        help="trial heartbeat (SQL storages): a trial whose process died is failed after 2x "
+        "this and retried, twice at most",
     )
     p.add_argument("--data-cache", default=None, metavar="DIR", help="download folder")
     p.set_defaults(run=run)

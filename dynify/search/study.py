@@ -153,21 +153,22 @@ def _weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _split_data(spec: str, space: SearchSpace, cache: str | None) -> Any:
-    """Training images and a held-out set, both taken from the training split (the test split
-    is never used by the search), fixed by the space's seed."""
+def _split_data(full: Any, spec: str, space: SearchSpace) -> Any:
+    """Training images and a held-out set, both taken from the training split of ``full``
+    (the test split is never used by the search), fixed by the space's seed."""
     from torch.utils.data import Subset
 
-    from dynify.train import Data, load_data
+    from dynify.train import Data
 
-    full = load_data(spec, cache_dir=cache)
     budget = space.training
     n = len(full.train)
     need = budget.val_images + (budget.train_images or 0)
     if need > n or budget.val_images >= n:
+        train = f"{budget.train_images:,}" if budget.train_images else "some"
         raise DynifyError(
             f"data {spec!r} has {n:,} training images; the space {space.label!r} asks for "
-            f"{budget.val_images:,} held out + {budget.train_images or 'the rest'} to train on"
+            f"{budget.val_images:,} held out and {train} to train on (its training.val_images "
+            "and training.train_images)"
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(budget.seed)).tolist()
     val = order[: budget.val_images]
@@ -210,13 +211,15 @@ def prepare(settings: SearchSettings) -> SearchContext:
     if not data_spec:
         raise DynifyError(f"no data: give --data (the space {space.label!r} names none)")
 
-    data = _split_data(data_spec, space, settings.data_cache)
+    from dynify.train import load_data
+
+    full = load_data(data_spec, cache_dir=settings.data_cache)  # indexes it; reads no image
     torch.manual_seed(settings.seed)  # the random init every trial starts from
     base = create_model(
         model_name,
         pretrained=settings.pretrained,
         checkpoint=settings.checkpoint,
-        num_classes=data.num_classes,
+        num_classes=full.num_classes,
     ).eval()
     trace = trace_model(base, input_size=space.input_size)
     candidates = resolve_plan(trace, space.candidates)
@@ -238,12 +241,13 @@ def prepare(settings: SearchSettings) -> SearchContext:
             g: [lp.name for lp in lps]
             for g, lps in group_layers(candidates, space.granularity).items()
         },
-        data=data,
+        data=None,  # split below, once the budget is known to be possible
         static_plan=static_plan,
         static_cost=static_cost,
         fingerprint=_weights_fingerprint(base),
     )
     _refuse_impossible(ctx)
+    ctx.data = _split_data(full, data_spec, space)
     ctx.presets = [STATIC] + [
         name
         for name in PRESET_RECIPES
