@@ -45,9 +45,17 @@ __all__ = [
 
 Strategy = Literal["single", "folded", "per_sample"]
 
-# Mixed kernels held at once per layer call. 32 MiB keeps each buffer under glibc's largest
-# mmap threshold, so it is reused from the heap rather than page-faulted in on every call.
-DEFAULT_MAX_KERNEL_BYTES = 32 * 2**20
+# Mixed kernels held at once per layer call. Each chunk's mixing re-reads all K experts, so
+# chunks of only a few samples make deep layers memory-bound: on 512 channels at 7x7, B=32,
+# forward, 64 MiB (7 samples a chunk) measured 2.6x a static conv against 3.3x at 32 MiB
+# (3 a chunk) and 2.5x unchunked (bench/layer.py, one thread). The kernels live in a reused
+# scratch buffer (see ``_Scratch``), so the chunk size no longer has to suit glibc.
+DEFAULT_MAX_KERNEL_BYTES = 64 * 2**20
+
+# The backward pass's kernel gradients are fresh tensors from convolution_backward, and glibc
+# serves blocks of 32 MiB or more with mmap on every call (page faults: 512@7, B=32, fwd+bwd
+# went from 3.6x to 4.5x a static conv with 64 MiB chunks), so backward chunks stay below.
+_BACKWARD_MAX_KERNEL_BYTES = 32 * 2**20 - 2**20
 
 # Below this many multiply-accumulates per sample, a Python loop of convolutions costs more
 # in call overhead than the grouped convolution loses in efficiency.
@@ -182,7 +190,9 @@ def _conv_chunk_backward(
     mask = [need_input_grad, True, False]
     n = x.shape[0]
     if strategy == "per_sample":
-        grads_x, grads_w = [], []
+        grads_x = []
+        # one chunk-sized buffer rather than a list of per-sample gradients then a stack
+        grad_w = kernels.new_empty(kernels.shape)
         for i in range(n):
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 grad_out[i : i + 1],
@@ -198,9 +208,9 @@ def _conv_chunk_backward(
                 mask,
             )
             grads_x.append(gx)
-            grads_w.append(gw)
+            grad_w[i] = gw
         grad_x = torch.cat(grads_x) if need_input_grad else None
-        return grad_x, torch.stack(grads_w)
+        return grad_x, grad_w
     _, c_out, c_in_g, kh, kw = kernels.shape
     gx, gw, _ = torch.ops.aten.convolution_backward(
         grad_out.reshape(1, n * c_out, grad_out.shape[2], grad_out.shape[3]),
@@ -277,7 +287,7 @@ class _DynamicConvFunction(torch.autograd.Function):
         weight_c = weight.to(dtype)
         flat_weight_c = flat_weight.to(dtype)
         batch = x.shape[0]
-        chunk = _chunk_size(batch, weight, max_kernel_bytes)
+        chunk = _chunk_size(batch, weight, min(max_kernel_bytes, _BACKWARD_MAX_KERNEL_BYTES))
         grad_x = torch.empty_like(x) if need_x else None
         grad_routing = torch.empty_like(routing) if need_routing else None
         grad_weight = torch.zeros_like(flat_weight) if need_weight else None
