@@ -242,6 +242,13 @@ class OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        # As FlopCounterMode does: an op with a decomposition (conv2d, linear, ... arrive
+        # whole under inference_mode) is seen through its parts, so both see the same ops.
+        if func is not torch.ops.prim.device.default:
+            with self:
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
         out = func(*args, **kwargs)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         batched = any(t in self._tainted for t in inputs)
