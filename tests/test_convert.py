@@ -216,12 +216,12 @@ def test_every_conv_recipe_preserves_function(name: str) -> None:
 
 def test_tf_same_padding_follows_the_input_size() -> None:
     """TF-'SAME' padding depends on the input size: traced at 64x64, the converted model
-    still matches at odd, non-square sizes (and at the model's own size)."""
+    still matches at odd and non-square sizes."""
     model = make("tf_efficientnet_b0")
     converted = dynify.apply(model, "all", input_size=(3, 64, 64))
     same = [m for m in converted.modules() if isinstance(m, DynamicConv2dSame)]
     assert len(same) == sum(type(m).__name__ == "Conv2dSame" for m in model.modules()) > 0
-    for size in ((3, 71, 83), (3, 97, 50), (3, 224, 224)):
+    for size in ((3, 71, 83), (3, 97, 50), (3, 128, 96)):
         x = fresh_input(size, seed=size[1])
         with torch.no_grad():
             assert rel_err(converted(x), model(x)) <= TOL, size
