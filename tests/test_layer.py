@@ -411,6 +411,31 @@ def test_gradients_match_reference(cfg, strategy, attention, needs, force_strate
         assert rel_err(got[name], want[name]) < 1e-10, name
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("strategy", ["folded", "per_sample"])
+def test_gradients_in_one_chunk(strategy, channels_last, force_strategy, mix_calls):
+    force_strategy(strategy)
+    cfg = _cfg(padding=1, stride=2, padding_mode="circular")
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = make_layer(cfg)
+        twin = copy.deepcopy(layer)
+        x = make_input(cfg, 4)
+        if channels_last:
+            x = x.contiguous(memory_format=CL)
+        x.requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        out = layer(x)
+        g = torch.randn_like(out)
+        got = _grads(layer, x, out, g)
+        want = _grads(twin, x2, reference(twin, cfg, x2), g)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert mix_calls == [4, 4]  # forward, then the backward's re-mix: one chunk each
+    for name in want:
+        assert rel_err(got[name], want[name]) < 1e-10, name
+
+
 @pytest.mark.parametrize("strategy", ["folded", "per_sample"])
 def test_no_grad_and_inference_mode(strategy, force_strategy, mix_calls):
     force_strategy(strategy)

@@ -288,7 +288,8 @@ class _DynamicConvFunction(torch.autograd.Function):
         flat_weight_c = flat_weight.to(dtype)
         batch = x.shape[0]
         chunk = _chunk_size(batch, weight, min(max_kernel_bytes, _BACKWARD_MAX_KERNEL_BYTES))
-        grad_x = torch.empty_like(x) if need_x else None
+        single = chunk >= batch  # one chunk: its input gradient is the whole one, no copy
+        grad_x = torch.empty_like(x) if need_x and not single else None
         grad_routing = torch.empty_like(routing) if need_routing else None
         grad_weight = torch.zeros_like(flat_weight) if need_weight else None
         grad_out = grad_out.contiguous(memory_format=_memory_format_of(x))
@@ -307,7 +308,9 @@ class _DynamicConvFunction(torch.autograd.Function):
                 need_x,
             )
             gw = gw.reshape(gw.shape[0], -1)
-            if grad_x is not None:
+            if need_x and single:
+                grad_x = gx.to(x.dtype)
+            elif grad_x is not None:
                 grad_x[part] = gx
             if grad_routing is not None:
                 grad_routing[part] = gw @ flat_weight_c.t()
