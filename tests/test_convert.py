@@ -272,6 +272,7 @@ def _variants():
     }
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("variant", list(_variants()))
 def test_conv_variants_convert_faithfully(variant: str) -> None:
     torch.manual_seed(0)
