@@ -405,6 +405,7 @@ def test_multi_objective_returns_a_pareto_front(files, tmp_path: Path) -> None:
     assert all(len(t.user_attrs["top1_history"]) == 2 for t in front)
 
 
+@pytest.mark.slow
 def test_a_journal_file_study_runs_and_resumes(files, tmp_path: Path) -> None:
     """``--storage journal:PATH`` (a file on a shared file system): the same search, no
     heartbeat; rerunning the command finds the study finished."""
