@@ -50,7 +50,7 @@ def save(
         path: the file to write; it appears only once complete (temporary name + rename).
         model_name: the timm name (default: the model's ``pretrained_cfg`` architecture).
         model_kwargs: keyword arguments for ``timm.create_model`` (default: the model's
-            ``num_classes``).
+            ``num_classes``, and ``in_chans`` when the image is not RGB).
         extra: more JSON-serialisable metadata to keep beside (e.g. training results).
     """
     import timm
@@ -63,6 +63,9 @@ def save(
     kwargs = dict(model_kwargs or {})
     if "num_classes" not in kwargs and isinstance(getattr(model, "num_classes", None), int):
         kwargs["num_classes"] = model.num_classes
+    in_chans = _input_channels(plan)
+    if "in_chans" not in kwargs and in_chans not in (None, 3):
+        kwargs["in_chans"] = in_chans
     metadata = {
         "format": FORMAT,
         "model_name": name,
@@ -77,6 +80,12 @@ def save(
     with atomic_path(target) as tmp:
         save_model(model, str(tmp), metadata=metadata)
     return target
+
+
+def _input_channels(plan: Plan) -> int | None:
+    """Channels of the image the model reads (the first conv to run): timm's ``in_chans``."""
+    first = next((lp.site for lp in plan.layers if lp.site.input_shape is not None), None)
+    return None if first is None else first.in_channels
 
 
 def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
