@@ -99,6 +99,21 @@ def test_model_kwargs_are_stored_and_used(tmp_path: Path) -> None:
     assert loaded.conv1.in_channels == 1 and loaded.fc.out_features == 3
 
 
+def test_non_rgb_model_round_trips_without_kwargs(tmp_path: Path) -> None:
+    # timm keeps no in_chans attribute: save must infer it (from the first conv) or load
+    # would build a 3-channel stem that the saved weights do not fit.
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", in_chans=1, num_classes=5).eval()
+    converted = dynify.apply(model, "mobile", input_size=(1, 48, 48))
+    path = tmp_path / "gray.safetensors"
+    dynify.save(converted, path)
+    assert read_info(path)["model_kwargs"] == {"num_classes": 5, "in_chans": 1}
+    loaded = dynify.load(path).eval()
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted.eval()(x))
+
+
 def test_save_needs_a_converted_model(tmp_path: Path) -> None:
     with pytest.raises(DynifyError, match="not converted"):
         dynify.save(timm.create_model("resnet18"), tmp_path / "x.safetensors")
