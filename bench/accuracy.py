@@ -13,8 +13,8 @@ temperature anneals 30 -> 1 linearly over the first ``--t-fraction`` of the run 
 10 of ~100 epochs); with the recipes' fixed 10 epochs a short run would end still hot.
 
 Run from the repository root (about an hour on 2 heavily shared CPU cores with the
-defaults; the budget is small because dynamic layers train 2-5x slower than static ones on
-the CPU):
+defaults, one torch thread; the budget is small because dynamic layers train 2-3x slower
+than static ones on the CPU):
 
     python bench/accuracy.py --output bench/results/accuracy.json
 
@@ -50,15 +50,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default="static,dycnn,mobile", help="static and/or recipes")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--train-images", type=int, default=2500, help="fixed training subset")
-    p.add_argument("--monitor-images", type=int, default=250, help="per-epoch val subset")
-    p.add_argument("--test-images", type=int, default=2000, help="final test subset (fixed)")
+    p.add_argument("--train-images", type=int, default=10_000, help="fixed training subset")
+    p.add_argument("--monitor-images", type=int, default=500, help="per-epoch val subset")
+    p.add_argument("--test-images", type=int, default=10_000, help="final test images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--t-fraction", type=float, default=0.2, help="share of the run to anneal T")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared machine 2 threads thrash, 5x slower here)",
+    )
     p.add_argument("--output", default=None, help="write the raw results as JSON here")
     return p.parse_args(argv)
 
@@ -90,14 +96,15 @@ def build(name: str, variant: str, seed: int, size: int) -> torch.nn.Module:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     train_data = load_data(
         args.data, train_images=args.train_images, val_images=args.monitor_images
     )
-    # The final numbers: a fixed subset of the test split, the same images for every run.
-    test_data = load_data(args.data, val_images=args.test_images)
+    # The final numbers: the test split (or a fixed subset), the same images for every run.
+    test_data = load_data(args.data, val_images=min(args.test_images, 10_000))
     print(f"data: {train_data.describe()}; final test: {len(test_data.val):,} images")
     schedule = TemperatureSchedule(
         start=30, end=1, length=max(args.t_fraction * args.epochs, 1e-9), shape="linear"
