@@ -186,6 +186,7 @@ class OpRecorder(TorchDispatchMode):
             self._tainted.add(x)
         self._macs: dict[tuple[str, str, bool, bool], int] = {}
         self._handles: list[Any] = []
+        self._entered = 0
         self.conv_calls: dict[str, int] = {}
         self.conv_inputs: dict[str, tuple[int, ...]] = {}
         self.conv_outputs: dict[str, tuple[int, ...]] = {}
@@ -220,22 +221,30 @@ class OpRecorder(TorchDispatchMode):
                 return name, False
         return "", False
 
+    # The mode is re-entered while active (``with self:`` around a decomposition in
+    # ``__torch_dispatch__``), so the global module hooks are registered on the outermost
+    # entry only and removed on its exit: otherwise the outer pair stays registered for
+    # good, keeping the recorder and its model alive and slowing every later forward.
     def __enter__(self) -> OpRecorder:
         from torch.nn.modules.module import (
             register_module_forward_hook,
             register_module_forward_pre_hook,
         )
 
-        self._handles = [
-            register_module_forward_pre_hook(self._pre),
-            register_module_forward_hook(self._post, always_call=True),
-        ]
+        if self._entered == 0:
+            self._handles = [
+                register_module_forward_pre_hook(self._pre),
+                register_module_forward_hook(self._post, always_call=True),
+            ]
+        self._entered += 1
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._entered -= 1
+        if self._entered == 0:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
         return super().__exit__(*exc)
 
     # -- ops ----------------------------------------------------------------------------

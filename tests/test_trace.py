@@ -280,3 +280,27 @@ def test_bad_input_size(size) -> None:
 def test_model_that_fails_on_the_example_is_a_dynify_error() -> None:
     with pytest.raises(DynifyError, match=r"does not run on an input of size \(4, 8, 8\)"):
         trace_model(Twice(), input_size=(4, 8, 8))  # stem wants 3 channels
+
+
+def test_apply_and_count_leave_no_global_hooks_and_keep_no_model_alive() -> None:
+    """The op recorder is re-entered during a run; its global module hooks must still all go
+    (a leftover pair slowed every later forward and kept each traced model alive)."""
+    import gc
+    import weakref
+
+    from torch.nn.modules import module as torch_module
+
+    from dynify import cost
+
+    def global_hooks() -> int:
+        return len(torch_module._global_forward_hooks) + len(torch_module._global_forward_pre_hooks)
+
+    before = global_hooks()
+    model = timm.create_model("resnet18", pretrained=False, num_classes=5)
+    converted = dynify.apply(model, "all", input_size=(3, 32, 32))
+    cost.count(converted)
+    assert global_hooks() == before
+    refs = [weakref.ref(model), weakref.ref(converted)]
+    del model, converted
+    gc.collect()
+    assert all(r() is None for r in refs)
