@@ -49,6 +49,7 @@ from dynify._opcount import (
 )
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
+from dynify.layers._functional import runs_stacked
 from dynify.layers.attention import attention_hidden_width
 from dynify.plan import LayerPlan, Plan
 
@@ -284,18 +285,28 @@ def _dynamic_cost(
     experts: int,
     hidden: int,
     input_hw: tuple[int, int],
+    groups: int,
+    batch: int,
 ) -> tuple[int, int, LayerCost | None]:
     """(MACs, extra ops, row) of a dynamic layer: ``conv`` MACs of its convolution (the
     static conv's, all calls and images), plus, per image and call (``calls`` = calls x
     images), the matrix products ``dynamic_conv2d`` runs (the attention's two linear
-    layers, kernel mixing, bias mixing) and the extra elementwise ops."""
+    layers, kernel mixing, bias mixing) and the extra elementwise ops.
+
+    At ``batch`` > 1 a layer with a tiny output map runs the ``stacked`` formulation (see
+    ``dynify.layers._functional``): K convolutions and an output mix instead of kernel
+    mixing. Priced as it runs, so the count agrees with FlopCounterMode at any batch."""
     k = experts
     fc1, fc2, mix = in_channels * hidden, hidden * k, k * weight_numel
     bias_mix = k * out_channels if bias else 0
+    output_mix = 0
+    positions = conv // (calls * weight_numel) if calls and weight_numel else 0
+    if runs_stacked(batch, k, weight_numel, positions, groups):
+        conv, mix, output_mix = k * conv, 0, k * out_channels * positions
     h, w = input_hw
     pool = in_channels * (h * w + 1)  # global average pool: C*H*W adds and C divides
     activations = 2 * hidden + 5 * k  # fc biases (h + K), ReLU (h), 1/T (K), softmax (3K)
-    macs = conv + (fc1 + fc2 + mix + bias_mix) * calls
+    macs = conv + (fc1 + fc2 + mix + bias_mix + output_mix) * calls
     extra = (pool + activations) * calls
     if not rows:
         return macs, extra, None
@@ -306,6 +317,8 @@ def _dynamic_cost(
         "kernel_mix": mix * calls,
         "bias_mix": bias_mix * calls,
     }
+    if output_mix:
+        parts["output_mix"] = output_mix * calls
     extra_parts = {"pool": pool * calls, "activations": activations * calls}
     return macs, extra, LayerCost(name, "dynamic", macs, params, extra, parts, extra_parts)
 
@@ -343,6 +356,8 @@ def _plan_layer(
         experts=lp.settings.experts,
         hidden=attention_hidden_width(s.in_channels, lp.settings.reduction),
         input_hw=_hw(s.input_shape),
+        groups=s.groups,
+        batch=batch,
     )
     return macs, params, extra, row
 
@@ -437,6 +452,8 @@ def _count_model(model: nn.Module, size: tuple[int, int, int], batch: int) -> tu
                 experts=module.num_experts,
                 hidden=module.attention.fc1.out_features,
                 input_hw=_hw(recorder.conv_inputs.get(name)),
+                groups=module.groups,
+                batch=batch,
             )
             assert row is not None
         else:

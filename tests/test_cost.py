@@ -123,6 +123,29 @@ def test_single_dynamic_layer_by_hand(cfg, batch: int) -> None:
     assert measured == 2 * macs * batch
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_tiny_map_layer_is_priced_as_it_runs(batch: int) -> None:
+    # 256 channels at 2x2: at B > 1 the layer runs all K experts as one conv and mixes the
+    # outputs (the "stacked" formulation); at B = 1 it mixes one kernel.
+    c, size, k = 256, 2, 4
+    layer = DynamicConv2d(c, c, 3, padding=1, num_experts=k, bias=True)
+    model = nn.Sequential(layer)
+    report = cost.count(model, input_size=(c, size, size), batch_size=batch)
+    row = report.row("0")
+    static_conv = c * c * 9 * size * size * batch
+    if batch == 1:
+        assert row.parts["conv"] == static_conv
+        assert row.parts["kernel_mix"] == k * c * c * 9
+        assert "output_mix" not in row.parts
+    else:
+        assert row.parts["conv"] == k * static_conv
+        assert row.parts["kernel_mix"] == 0
+        assert row.parts["output_mix"] == k * c * size * size * batch
+    measured = cost.measure_flops(model, input_size=(c, size, size), device="cpu",
+                                  batch_size=batch)  # fmt: skip
+    assert measured == report.flops
+
+
 def test_dynamic_layer_chunked_batch_is_counted_once_per_sample() -> None:
     # A tiny max_kernel_bytes forces one chunk per sample in the layer's eager path.
     layer = DynamicConv2d(32, 32, 3, padding=1, num_experts=4, max_kernel_bytes=1)

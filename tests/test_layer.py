@@ -233,7 +233,7 @@ def test_memory_layouts(cfg, layout, batch):
         assert out.is_contiguous(memory_format=CL)
 
 
-@pytest.mark.parametrize("strategy", ["folded", "per_sample"])
+@pytest.mark.parametrize("strategy", ["folded", "per_sample", "stacked"])
 @pytest.mark.parametrize("cfg", SUBSET[:3], ids=_cfg_id)
 def test_channels_last_in_gives_channels_last_out(cfg, strategy, force_strategy):
     force_strategy(strategy)
@@ -271,10 +271,37 @@ def test_low_precision(cfg, dtype, batch, attention):
 
 
 def test_choose_strategy_batch_of_one_is_single():
-    assert choose_strategy(1, (4, 64, 64, 3, 3), (56, 56), 1) == "single"
-    for batch in (2, 8, 32):
-        for shape, hw, groups in [((4, 64, 64, 3, 3), (56, 56), 1), ((4, 96, 1, 3, 3), (7, 7), 96)]:
-            assert choose_strategy(batch, shape, hw, groups) in ("folded", "per_sample")
+    assert choose_strategy(1, (4, 64, 64, 3, 3), (56, 56), (56, 56), 1) == "single"
+    assert choose_strategy(1, (4, 512, 512, 3, 3), (1, 1), (1, 1), 1) == "single"
+
+
+@pytest.mark.parametrize(
+    ("weight_shape", "in_hw", "out_hw", "groups", "expected"),
+    [
+        # dense and big enough for oneDNN to run each sample at full speed
+        ((4, 64, 64, 3, 3), (56, 56), (56, 56), 1, "per_sample"),
+        ((4, 512, 512, 3, 3), (7, 7), (7, 7), 1, "per_sample"),
+        # depthwise: per-sample calls would each do very little
+        ((4, 96, 1, 3, 3), (7, 7), (7, 7), 96, "folded"),
+        # a batch-of-one 64x16x16 input goes to PyTorch's reference conv, not oneDNN, which
+        # loses to the folded grouped conv for narrow layers
+        ((4, 64, 64, 3, 3), (16, 16), (16, 16), 1, "folded"),
+        ((4, 64, 64, 3, 3), (8, 8), (8, 8), 1, "folded"),
+        # tiny output maps with big kernels: mix outputs rather than kernels
+        ((4, 512, 512, 3, 3), (1, 1), (1, 1), 1, "stacked"),
+        ((4, 256, 256, 3, 3), (2, 2), (2, 2), 1, "stacked"),
+        ((4, 128, 128, 3, 3), (4, 4), (4, 4), 1, "stacked"),
+        ((4, 512, 256, 3, 3), (4, 4), (2, 2), 1, "stacked"),
+        # ... unless the extra convolutions outweigh it (more experts or positions)
+        ((8, 128, 128, 3, 3), (4, 4), (4, 4), 1, "per_sample"),
+        ((4, 256, 256, 3, 3), (8, 8), (8, 8), 1, "per_sample"),
+        # small kernels stay in cache when mixed
+        ((4, 16, 16, 3, 3), (2, 2), (2, 2), 1, "folded"),
+    ],
+)
+def test_choose_strategy_by_shape(weight_shape, in_hw, out_hw, groups, expected):
+    for batch in (2, 32):
+        assert choose_strategy(batch, weight_shape, in_hw, out_hw, groups) == expected
 
 
 @pytest.mark.parametrize("strategy", ["folded", "per_sample"])
@@ -382,7 +409,7 @@ def _grads(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, g: torch.Tensor
 
 @pytest.mark.parametrize("needs", ["all", "input_only", "params_only"])
 @pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("strategy", ["single", "folded", "per_sample"])
+@pytest.mark.parametrize("strategy", ["single", "folded", "per_sample", "stacked"])
 @pytest.mark.parametrize("cfg", GRAD_CASES, ids=_cfg_id)
 def test_gradients_match_reference(cfg, strategy, attention, needs, force_strategy):
     torch.set_default_dtype(torch.float64)
@@ -494,7 +521,7 @@ def test_gradcheck_functional(strategy, cfg, force_strategy, mix_calls):
         assert 2 in mix_calls, "gradcheck did not go through the chunked path"
 
 
-@pytest.mark.parametrize("strategy", ["single", "folded", "per_sample"])
+@pytest.mark.parametrize("strategy", ["single", "folded", "per_sample", "stacked"])
 def test_gradcheck_module(strategy, force_strategy):
     """gradcheck through the whole layer, attention included, with reflect padding."""
     force_strategy(strategy)
@@ -580,6 +607,24 @@ def test_autograd_does_not_save_the_mixed_kernels(strategy, force_strategy):
     ref.sum().backward()
     assert rel_err(out, ref) < 1e-5
     assert rel_err(grad, x.grad) < 1e-4
+
+
+def test_stacked_saves_no_kernels_only_the_expert_outputs(force_strategy):
+    """The tiny-map formulation keeps K outputs per sample for backward, never B kernels."""
+    force_strategy("stacked")
+    batch, k = 32, 4
+    layer = DynamicConv2d(256, 256, 3, padding=1, num_experts=k, bias=False)
+    x = torch.randn(batch, 256, 2, 2, requires_grad=True)
+    saved, out = _retained_bytes(lambda: layer(x))
+    assert saved < batch * per_sample_kernel_bytes(layer) / 4
+    assert saved <= x.nbytes + layer.weight.nbytes + k * out.nbytes + 2**18  # + attention
+    out.sum().backward()
+    assert (
+        rel_err(
+            out, reference(layer, _cfg(in_channels=256, out_channels=256, padding=1), x.detach())
+        )
+        < 1e-5
+    )
 
 
 # -- from_conv ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The dynamic convolution itself: ``y_b = conv(x_b, sum_k r_bk W_k)``, computed fast and exactly.
 
-Three exact formulations, chosen by batch size and shape (see ``choose_strategy``):
+Four exact formulations, chosen by batch size and shape (see ``choose_strategy``):
 
 ``single``
     Batch of one: mix one kernel and run one ordinary convolution. Nothing can beat it.
@@ -13,6 +13,13 @@ Three exact formulations, chosen by batch size and shape (see ``choose_strategy`
     sample. For dense layers oneDNN runs each of those at full speed, whereas a grouped
     convolution with hundreds of large groups does not (measured here at B=32: 2.3x a static
     conv on 512 channels at 7x7 against 2.7-16x folded; 1.1x against 1.5x on the RGB stem).
+``stacked``
+    For tiny output maps (the deep layers of a network fed 32x32 images): run all K experts
+    as one convolution with K * C_out outputs, then mix the outputs, ``y_b = sum_k r_bk
+    (W_k * x_b)``. It does K times a static conv's multiply-accumulates, but reads each
+    expert once per batch instead of writing and re-reading one kernel per sample, which is
+    what dominates when a kernel has as many numbers as its output map has positions times
+    few (see ``_STACKED_MAX_EXTRA_POSITIONS``). Plain autograd ops: nothing to chunk.
 
 Memory: the mixed kernels (B x C_out x C_in x kh x kw numbers) are what make dynamic layers
 run out of memory at training batch sizes: 302 MB at B=32 for one 512-channel 3x3 layer.
@@ -41,9 +48,10 @@ __all__ = [
     "choose_strategy",
     "dynamic_conv2d",
     "mix_kernels",
+    "runs_stacked",
 ]
 
-Strategy = Literal["single", "folded", "per_sample"]
+Strategy = Literal["single", "folded", "per_sample", "stacked"]
 
 # Mixed kernels held at once per layer call. Each chunk's mixing re-reads all K experts, so
 # chunks of only a few samples make deep layers memory-bound: on 512 channels at 7x7, B=32,
@@ -60,6 +68,24 @@ _BACKWARD_MAX_KERNEL_BYTES = 32 * 2**20 - 2**20
 # Below this many multiply-accumulates per sample, a Python loop of convolutions costs more
 # in call overhead than the grouped convolution loses in efficiency.
 _PER_SAMPLE_MIN_MACS = 2_000_000
+
+# PyTorch sends a batch-of-one float32 convolution with a kernel of at most 3x3 and an input
+# of at most 20480 numbers to its reference kernel (THNN, im2col + matrix product) rather
+# than oneDNN. That loses to the folded grouped conv for narrow layers but still wins for
+# wide ones, whose kernels make the grouped conv inefficient. Measured here (B=64, fwd+bwd,
+# per-sample vs folded): 64 channels at 16x16 63 vs 47 ms, 96 at 12x12
+# 84 vs 72; 128 at 8x8 95 vs 124, 256 at 8x8 322 vs 408.
+_ONEDNN_MIN_INPUT_NUMEL = 20480
+_THNN_PER_SAMPLE_MIN_KERNEL_NUMEL = 2**17
+
+# ``stacked`` costs (K - 1) * H_out * W_out more MACs per kernel number than mixing, whereas
+# mixing costs a memory-bound write and re-read of every kernel number per sample. Measured
+# here (one thread, B=64, K=4, fwd+bwd, best mixing formulation -> stacked): 512 channels at
+# 1x1 692 -> 77 ms, 256 at 2x2 299 -> 47 ms, 128 at 4x4 74 -> 29 ms; at 8x8 (K-1)*64 = 192
+# extra and mixing wins again (29 vs 32 ms). Small kernels (< 128 KiB) stay in cache when
+# mixed, so they keep the mixing formulations, which do the fewest operations.
+_STACKED_MAX_EXTRA_POSITIONS = 48
+_STACKED_MIN_KERNEL_NUMEL = 2**15
 
 
 class _Scratch(threading.local):
@@ -125,17 +151,78 @@ def mix_kernels(
     return (routing @ flat).reshape(n, *weight.shape[1:])
 
 
+def runs_stacked(
+    batch: int, experts: int, kernel_numel: int, out_positions: int, groups: int
+) -> bool:
+    """Whether an eager call of ``batch`` samples uses the ``stacked`` formulation.
+
+    ``kernel_numel`` is one expert's size, ``out_positions`` is H_out * W_out. The cost model
+    asks this too: ``stacked`` runs K convolutions' worth of MACs and mixes outputs.
+    """
+    return (
+        batch > 1
+        and groups == 1
+        and kernel_numel >= _STACKED_MIN_KERNEL_NUMEL
+        and (experts - 1) * out_positions <= _STACKED_MAX_EXTRA_POSITIONS
+    )
+
+
 def choose_strategy(
-    batch: int, weight_shape: torch.Size | tuple[int, ...], out_hw: tuple[int, int], groups: int
+    batch: int,
+    weight_shape: torch.Size | tuple[int, ...],
+    in_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    groups: int,
 ) -> Strategy:
-    """Pick the fastest exact formulation for an eager call (measured on CPU, see module doc)."""
+    """Pick the fastest exact formulation for an eager call (measured on CPU, see module doc).
+
+    ``weight_shape`` is the experts' ``(K, C_out, C_in // groups, kh, kw)``.
+    """
     if batch == 1:
         return "single"
-    _, c_out, c_in_per_group, kh, kw = weight_shape
-    macs_per_sample = c_out * c_in_per_group * kh * kw * out_hw[0] * out_hw[1]
-    if groups == 1 and macs_per_sample >= _PER_SAMPLE_MIN_MACS:
+    k, c_out, c_in_per_group, kh, kw = weight_shape
+    kernel_numel = c_out * c_in_per_group * kh * kw
+    if runs_stacked(batch, k, kernel_numel, out_hw[0] * out_hw[1], groups):
+        return "stacked"
+    macs_per_sample = kernel_numel * out_hw[0] * out_hw[1]
+    on_onednn = (kh > 3 and kw > 3) or (
+        c_in_per_group * groups * in_hw[0] * in_hw[1] > _ONEDNN_MIN_INPUT_NUMEL
+    )
+    if (
+        groups == 1
+        and macs_per_sample >= _PER_SAMPLE_MIN_MACS
+        and (on_onednn or kernel_numel >= _THNN_PER_SAMPLE_MIN_KERNEL_NUMEL)
+    ):
         return "per_sample"
     return "folded"
+
+
+def _stacked(
+    x: torch.Tensor,
+    routing: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """``sum_k r_bk (W_k * x_b)``: one convolution with every expert, then mix the outputs."""
+    k, c_out = weight.shape[:2]
+    if groups == 1:
+        # (K, C_out, ...) -> (K * C_out, ...) is a view: the experts are read in place
+        stacked = weight.reshape(k * c_out, *weight.shape[2:])
+    else:  # a grouped conv's outputs must be group-major: (g, K, C_out / g)
+        stacked = weight.reshape(k, groups, c_out // groups, *weight.shape[2:]).transpose(0, 1)
+        stacked = stacked.reshape(k * c_out, *weight.shape[2:])
+    outs = F.conv2d(x, stacked, None, stride, padding, dilation, groups)
+    b, _, h, w = outs.shape
+    r = routing.to(outs.dtype)
+    if groups == 1:
+        mixed = torch.bmm(r.unsqueeze(1), outs.reshape(b, k, c_out * h * w))
+    else:
+        per_group = outs.reshape(b, groups, k, (c_out // groups) * h * w)
+        mixed = (per_group * r.view(b, 1, k, 1)).sum(2)
+    return mixed.view(b, c_out, h, w)
 
 
 def _chunk_size(batch: int, weight: torch.Tensor, max_kernel_bytes: int) -> int:
@@ -370,9 +457,11 @@ def dynamic_conv2d(
         return F.conv2d(x, kernel, mixed_bias, stride, padding, dilation, groups)
     else:
         out_hw = _output_hw(x, weight, stride, padding, dilation)
-        strategy = choose_strategy(batch, weight.shape, out_hw, groups)
+        strategy = choose_strategy(batch, weight.shape, (x.shape[2], x.shape[3]), out_hw, groups)
         args = (strategy, stride, padding, dilation, groups, max_kernel_bytes)
-        if torch.is_grad_enabled() and (
+        if strategy == "stacked":
+            out = _stacked(x, routing, weight, stride, padding, dilation, groups)
+        elif torch.is_grad_enabled() and (
             x.requires_grad or routing.requires_grad or weight.requires_grad
         ):
             out = _DynamicConvFunction.apply(x, routing, weight, *args)
