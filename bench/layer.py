@@ -75,7 +75,13 @@ SHAPES = [
     Shape("dw-576@14", 576, 576, 3, 1, 576, 14),
     Shape("stem-7x7/2-3>64@224", 3, 64, 7, 2, 1, 224),
 ]
-SHAPES_BY_NAME = {s.name: s for s in SHAPES}
+# Not in the default run (the shapes, over which the targets are computed): the deep
+# layers of a network fed 32x32 images (CIFAR), where the "stacked" formulation runs.
+EXTRA_SHAPES = [
+    Shape("3x3-256@8", 256, 256, 3, 1, 1, 8),
+    Shape("3x3-512@4", 512, 512, 3, 1, 1, 4),
+]
+SHAPES_BY_NAME = {s.name: s for s in SHAPES + EXTRA_SHAPES}
 MALLOC_ENVS: dict[str, dict[str, str]] = {
     "plain": {},
     "nommap": {"MALLOC_MMAP_MAX_": "0"},
