@@ -505,9 +505,28 @@ def test_the_real_command_prints_no_traceback(files, tmp_path: Path) -> None:
 # -- several processes, kills and PostgreSQL (slow) ------------------------------------------
 
 
-def _spawn(files, output: Path, *extra: str, trials: int) -> subprocess.Popen:
+# Runs the real CLI in a child process with every trial's training held back by 2 s first, so
+# that a trial is reliably mid-way when the test kills the process (on a quiet machine the
+# tiny trials otherwise finish between two polls). The search looks finetune up at call time.
+_SLOW_TRAINING_CLI = """
+import sys, time
+import dynify.train
+real = dynify.train.finetune
+def finetune(**kwargs):
+    time.sleep(2.0)
+    return real(**kwargs)
+dynify.train.finetune = finetune
+from dynify.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _spawn(
+    files, output: Path, *extra: str, trials: int, slow_training: bool = False
+) -> subprocess.Popen:
+    command = ["-c", _SLOW_TRAINING_CLI] if slow_training else ["-m", "dynify"]
     return subprocess.Popen(
-        [sys.executable, "-m", "dynify", *search_args(files, output, *extra, trials=trials)],
+        [sys.executable, *command, *search_args(files, output, *extra, trials=trials)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
 
@@ -553,7 +572,7 @@ def _states(db: Path) -> dict[int, str]:
 def test_a_killed_run_resumes_without_losing_or_repeating_trials(files, tmp_path: Path) -> None:
     output = tmp_path / "killed"
     trials = 5
-    proc = _spawn(files, output, "--heartbeat", "1", trials=trials)
+    proc = _spawn(files, output, "--heartbeat", "1", trials=trials, slow_training=True)
     db = output / "study.db"
     deadline = time.monotonic() + 600
     killed_number = None
