@@ -182,9 +182,10 @@ def choose_strategy(
         return "single"
     k, c_out, c_in_per_group, kh, kw = weight_shape
     kernel_numel = c_out * c_in_per_group * kh * kw
-    if runs_stacked(batch, k, kernel_numel, out_hw[0] * out_hw[1], groups):
+    positions = out_hw[0] * out_hw[1]
+    if runs_stacked(batch, k, kernel_numel, positions, groups):
         return "stacked"
-    macs_per_sample = kernel_numel * out_hw[0] * out_hw[1]
+    macs_per_sample = kernel_numel * positions
     on_onednn = (kh > 3 and kw > 3) or (
         c_in_per_group * groups * in_hw[0] * in_hw[1] > _ONEDNN_MIN_INPUT_NUMEL
     )
