@@ -619,12 +619,8 @@ def test_stacked_saves_no_kernels_only_the_expert_outputs(force_strategy):
     assert saved < batch * per_sample_kernel_bytes(layer) / 4
     assert saved <= x.nbytes + layer.weight.nbytes + k * out.nbytes + 2**18  # + attention
     out.sum().backward()
-    assert (
-        rel_err(
-            out, reference(layer, _cfg(in_channels=256, out_channels=256, padding=1), x.detach())
-        )
-        < 1e-5
-    )
+    cfg = _cfg(in_channels=256, out_channels=256, padding=1)
+    assert rel_err(out, reference(layer, cfg, x.detach())) < 1e-5
 
 
 # -- from_conv ------------------------------------------------------------------------------

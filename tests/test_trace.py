@@ -3,14 +3,18 @@ position, checked against hand-read architectures and tiny models written here."
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import timm
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 import dynify
+from dynify import cost
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
 from dynify.trace import default_input_size, trace_model
@@ -285,12 +289,6 @@ def test_model_that_fails_on_the_example_is_a_dynify_error() -> None:
 def test_apply_and_count_leave_no_global_hooks_and_keep_no_model_alive() -> None:
     """The op recorder is re-entered during a run; its global module hooks must still all go
     (a leftover pair slowed every later forward and kept each traced model alive)."""
-    import gc
-    import weakref
-
-    from torch.nn.modules import module as torch_module
-
-    from dynify import cost
 
     def global_hooks() -> int:
         return len(torch_module._global_forward_hooks) + len(torch_module._global_forward_pre_hooks)
