@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text"]
 
 
 @contextlib.contextmanager
@@ -38,6 +38,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -110,8 +110,10 @@ def build_layer(
         num_experts=s.experts,
         reduction=s.reduction,
         attention=s.attention,  # type: ignore[arg-type]
-        temperature=s.temperature.value(0),
-        noise=s.noise,
+        temperature=s.schedule.value(0),
+        init=s.init,  # type: ignore[arg-type]
+        **({} if s.routing_std is None else {"routing_std": s.routing_std}),
+        noise=s.noise if s.init == "perturb" else None,
         weight=weight,
         generator=generator,
     )
@@ -207,8 +209,10 @@ def apply(
             ``pretrained_cfg["input_size"]``.
         strict: fail when a recipe rule matches no conv (default: the recipe's setting).
         check: verify on the example input that the converted model (in eval mode)
-            computes what the original did, to ``EQUIVALENCE_TOLERANCE``.
-        seed: seeds the experts' initial perturbation, so conversions are reproducible.
+            computes what the original did, to ``EQUIVALENCE_TOLERANCE`` (skipped when a
+            layer's recipe says ``init: scratch``, which starts a new function by design).
+        seed: seeds every random draw of the conversion (the attention's initial weights,
+            a ``scratch`` layer's experts), so conversions are reproducible.
 
     Returns:
         The model, same class, with the planned convs swapped; ``plan_of(model)`` gives
@@ -228,7 +232,9 @@ def apply(
         plan.model_name = model_name_of(model)
     _swap(model, plan, generator)
     setattr(model, _PLAN_ATTR, plan)
-    if check and trace is not None and plan.converted:
+    # A layer initialised from scratch computes a new function by design: nothing to check.
+    preserving = all(lp.settings.preserves_function for lp in plan.converted)
+    if check and trace is not None and plan.converted and preserving:
         was_training = model.training
         model.eval()
         with torch.no_grad():

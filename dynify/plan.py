@@ -191,7 +191,8 @@ class Plan:
 
         by_settings: dict[LayerSettings, list[str]] = {}
         for lp in self.converted:
-            by_settings.setdefault(lp.settings, []).append(lp.name)
+            settings = replace(lp.settings, temperature=lp.settings.schedule)
+            by_settings.setdefault(settings, []).append(lp.name)
         counts = Counter({s: len(names) for s, names in by_settings.items()})
         common = counts.most_common(1)[0][0] if counts else LayerSettings()
         defaults = replace(common, convert=False)

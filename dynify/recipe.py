@@ -6,8 +6,9 @@ A recipe is YAML (or the same structure as a dict)::
       experts: 4              # K
       reduction: 4            # r: attention hidden width = max(C_in // r, 4)
       attention: softmax      # softmax (DY-CNN) | sigmoid (CondConv)
-      noise: 0.01             # expert perturbation at conversion (relative to kernel std)
-      temperature: {start: 30, end: 1, length: 10, shape: linear, unit: epoch}
+      init: upcycle           # upcycle | scratch | perturb (how the experts start)
+      routing_std: 1.0        # upcycle: std of the random attention's last layer
+      temperature: 1          # a number, or {start, end, length, shape, unit}
     rules:                    # applied in order
       - name: keep the stem static
         select: {stem: true}
@@ -15,6 +16,21 @@ A recipe is YAML (or the same structure as a dict)::
       - select: {kernel_size: 1, last_in_block: true}
         experts: 8
     strict: false             # true: a rule that matches no conv is an error
+
+``init`` says how a converted layer starts (``DynamicConv2d.from_conv``):
+
+- ``upcycle`` (default): every expert a copy of the conv's kernel, a random attention whose
+  weights sum to a constant, so the converted model computes exactly what the original did
+  and its layers route from the first training step. For trained (pretrained) models.
+  Temperature default: constant 1 (a hot start only flattens a routing that already works).
+- ``scratch``: independently initialised experts and attention, as the DY-CNN paper trains
+  from scratch; the function is not preserved, so ``apply`` does not check it. Temperature
+  default: 30 -> 1 linearly over 10 epochs (the paper: near-uniform attention at first so
+  that every random expert trains).
+- ``perturb``: experts = kernel + zero-sum ``noise`` (default 0.01), attention zeroed; exact
+  but measured not to route (kept for comparison). Temperature default: 30 -> 1.
+
+``temperature`` left out means the init's default; ``noise`` applies to ``perturb`` only.
 
 Priority: every conv starts from ``defaults``; then each rule whose ``select`` matches it is
 applied in file order, and a rule overrides only the fields it sets, so for each field the
@@ -47,6 +63,7 @@ from dynify._resources import bundled_names, find_bundled
 from dynify._yaml import Doc, load_yaml_file
 from dynify.errors import DynifyError, did_you_mean
 from dynify.layers.attention import ATTENTION_KINDS
+from dynify.layers.dynamic_conv import EXPERT_INITS
 from dynify.schedule import SCHEDULE_SHAPES, SCHEDULE_UNITS, TemperatureSchedule
 from dynify.trace import ConvSite
 
@@ -74,7 +91,24 @@ CONV_TYPES: tuple[str, ...] = (
     "CondConv2d",
 )
 
-SETTING_KEYS = ("convert", "experts", "reduction", "attention", "noise", "temperature")
+SETTING_KEYS = (
+    "convert",
+    "experts",
+    "reduction",
+    "attention",
+    "init",
+    "routing_std",
+    "noise",
+    "temperature",
+)
+
+# The temperature schedule each init gets when a recipe sets none (bench/README.md,
+# "Routing", has the measurements behind these).
+INIT_TEMPERATURES: dict[str, TemperatureSchedule] = {
+    "upcycle": TemperatureSchedule.constant(1.0),
+    "scratch": TemperatureSchedule(start=30.0, end=1.0, length=10.0),
+    "perturb": TemperatureSchedule(start=30.0, end=1.0, length=10.0),
+}
 TEMPERATURE_KEYS = ("start", "end", "length", "shape", "unit")
 SELECTOR_KEYS = (
     "name",
@@ -100,18 +134,39 @@ TOP_KEYS = ("version", "description", "defaults", "rules", "strict")
 
 @dataclass(frozen=True)
 class LayerSettings:
-    """The settings one conv is converted with (or ``convert=False``)."""
+    """The settings one conv is converted with (or ``convert=False``).
+
+    ``temperature`` ``None`` means the init's default (:data:`INIT_TEMPERATURES`), and
+    ``noise`` ``None`` the ``perturb`` init's default; :attr:`schedule` resolves it.
+    """
 
     convert: bool = True
     experts: int = 4
     reduction: int = 4
     attention: str = "softmax"
-    noise: float = 0.01
-    temperature: TemperatureSchedule = field(default_factory=TemperatureSchedule)
+    init: str = "upcycle"
+    routing_std: float | None = None
+    noise: float | None = None
+    temperature: TemperatureSchedule | None = None
+
+    @property
+    def schedule(self) -> TemperatureSchedule:
+        """The temperature schedule: the one set, else the init's default."""
+        if self.temperature is not None:
+            return self.temperature
+        return INIT_TEMPERATURES.get(self.init, INIT_TEMPERATURES["upcycle"])
+
+    @property
+    def preserves_function(self) -> bool:
+        """Whether the converted layer starts out computing exactly the original conv."""
+        return self.init != "scratch"
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["temperature"] = self.temperature.to_dict()
+        out["temperature"] = self.schedule.to_dict()
+        for key in ("routing_std", "noise"):
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod
@@ -242,6 +297,8 @@ class Recipe:
             if rule.select.matches(site, num_stages):
                 settings = replace(settings, **rule.settings)
                 matched.append(i)
+        if settings.temperature is None:  # the init's default, made explicit in the plan
+            settings = replace(settings, temperature=settings.schedule)
         return settings, matched
 
     # -- (de)serialisation ------------------------------------------------------------
@@ -309,6 +366,7 @@ def parse_recipe(doc: Doc) -> Recipe:
     if "version" in top and top["version"] != 1:
         raise doc.error("version", f"unsupported recipe version {top['version']!r}; accepted: 1")
     defaults = LayerSettings(**_settings(doc, top.get("defaults"), "defaults", SETTING_KEYS))
+    _check_noise(doc, "defaults", defaults.noise, defaults.init)
     raw_rules = top.get("rules") or []
     if not isinstance(raw_rules, list):
         raise doc.error("rules", f"expected a list of rules, got {raw_rules!r}")
@@ -321,6 +379,7 @@ def parse_recipe(doc: Doc) -> Recipe:
         )
         if not settings:
             raise doc.error(path, f"a rule must set at least one of: {', '.join(SETTING_KEYS)}")
+        _check_noise(doc, path, settings.get("noise"), settings.get("init", defaults.init))
         name = doc.string(entry["name"], f"{path}.name") if "name" in entry else None
         rules.append(
             Rule(
@@ -347,11 +406,22 @@ def _settings(doc: Doc, raw: Any, path: str, keys: tuple[str, ...]) -> dict[str,
             out[key] = doc.integer(value, sub, minimum=1)
         elif key == "attention":
             out[key] = doc.choice(value, sub, ATTENTION_KINDS)
-        elif key == "noise":
+        elif key == "init":
+            out[key] = doc.choice(value, sub, EXPERT_INITS)
+        elif key in ("noise", "routing_std"):
             out[key] = doc.number(value, sub, minimum=0)
         elif key == "temperature":
             out[key] = _temperature(doc, value, sub)
     return out
+
+
+def _check_noise(doc: Doc, path: str, noise: float | None, init: str) -> None:
+    if noise is not None and noise != 0 and init != "perturb":
+        raise doc.error(
+            f"{path}.noise",
+            f"noise applies to init: perturb only (this is init: {init}, whose experts start "
+            "as exact copies); remove it, or set init: perturb",
+        )
 
 
 def _temperature(doc: Doc, raw: Any, path: str) -> TemperatureSchedule:

@@ -233,7 +233,7 @@ def _layer_schedules(
 
     model = unwrap_model(model)
     try:
-        planned = {lp.name: lp.settings.temperature for lp in plan_of(model).converted}
+        planned = {lp.name: lp.settings.schedule for lp in plan_of(model).converted}
     except DynifyError:
         planned = {}
     out = []

@@ -379,11 +379,15 @@ def test_apply_is_reproducible_by_seed(resnet18: nn.Module) -> None:
     a = dynify.apply(resnet18, input_size=(3, 64, 64), seed=1)
     b = dynify.apply(resnet18, input_size=(3, 64, 64), seed=1)
     c = dynify.apply(resnet18, input_size=(3, 64, 64), seed=2)
-    assert torch.equal(a.layer1[0].conv1.weight, b.layer1[0].conv1.weight)
-    assert not torch.equal(a.layer1[0].conv1.weight, c.layer1[0].conv1.weight)
-    # The experts differ from each other (the attention gets a gradient from step one).
+    for name in ("fc1", "fc2"):
+        wa = getattr(a.layer1[0].conv1.attention, name).weight
+        assert torch.equal(wa, getattr(b.layer1[0].conv1.attention, name).weight)
+        assert not torch.equal(wa, getattr(c.layer1[0].conv1.attention, name).weight)
+    # upcycle: the experts are exact copies of the kernel (the seed does not touch them),
+    # and the attention is random, not zero, so the layer routes from the first step.
     w = a.layer1[0].conv1.weight
-    assert not torch.equal(w[0], w[1])
+    assert torch.equal(w[0], w[1]) and torch.equal(w, c.layer1[0].conv1.weight)
+    assert a.layer1[0].conv1.attention.fc2.weight.abs().min() > 0
 
 
 def test_apply_with_a_plan_from_another_model_is_an_error(resnet18: nn.Module) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import gc
 import itertools
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -107,9 +108,11 @@ SUBSET = [
 def make_layer(cfg: dict, attention: str = "softmax", num_experts: int = 3, **kw):
     """A DynamicConv2d whose attention is clearly non-uniform and sample-dependent."""
     layer = DynamicConv2d(**cfg, num_experts=num_experts, attention=attention, **kw)
+    g = torch.Generator().manual_seed(7)  # this module's own stream: one draw per weight
     with torch.no_grad():
-        layer.attention.fc1.weight.normal_(0.0, 1.0)
-        layer.attention.fc2.weight.normal_(0.0, 1.0)
+        layer.attention.fc1.weight.normal_(0.0, 1.0, generator=g)
+        layer.attention.fc1.bias.uniform_(0.0, 1.0, generator=g)  # hidden units active
+        layer.attention.fc2.weight.normal_(0.0, 1.0, generator=g)
         # distinct expert preferences, plus the sample-dependent part from the weights
         layer.attention.fc2.bias.copy_(torch.linspace(-1.5, 1.5, num_experts))
         if layer.bias is not None:
@@ -626,14 +629,29 @@ def test_stacked_saves_no_kernels_only_the_expert_outputs(force_strategy):
 # -- from_conv ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("init", ["upcycle", "perturb"])
 @pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("cfg", GRID, ids=_cfg_id)
-def test_from_conv_is_equivalent(cfg, batch, attention):
+def test_from_conv_is_equivalent(cfg, batch, attention, init):
     conv = nn.Conv2d(**cfg).eval()
-    layer = DynamicConv2d.from_conv(conv, num_experts=4, attention=attention).eval()
-    assert not torch.equal(layer.weight[0], layer.weight[1])  # default noise > 0
+    layer = DynamicConv2d.from_conv(conv, num_experts=4, attention=attention, init=init).eval()
     x = make_input(cfg, batch)
+    if init == "perturb":
+        assert not torch.equal(layer.weight[0], layer.weight[1])  # default noise > 0
+    else:
+        # Any softmax routing, and any sigmoid routing in antisymmetric pairs, keeps the
+        # function: make it strongly input-dependent so the test cannot pass by uniformity.
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            layer.attention.fc1.weight.normal_(0.0, 0.5, generator=g)
+            layer.attention.fc1.bias.fill_(2.0)  # hidden units active for every sample
+        # The attention really varies (per expert, and per sample when B > 1): the output
+        # is the original's because the experts are equal, not because routing is uniform.
+        pi = reference_routing(layer, x)
+        assert (pi.max(1).values - pi.min(1).values).max() > 1e-2
+        if batch > 1:
+            assert (pi - pi[:1]).abs().max() > 1e-4
     with torch.no_grad():
         want = conv(x)
         got = layer(x)
@@ -641,22 +659,95 @@ def test_from_conv_is_equivalent(cfg, batch, attention):
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("num_experts", [1, 3, 4])
 @pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
-def test_from_conv_noise_zero_gives_identical_experts(attention):
+def test_upcycle_copies_the_kernel_and_routing_sums_to_a_constant(attention, num_experts):
+    cfg = _cfg(in_channels=8, out_channels=6, padding=1)
+    conv = nn.Conv2d(**cfg)
+    layer = DynamicConv2d.from_conv(conv, num_experts=num_experts, attention=attention)
+    k = num_experts
+    scale = 1.0 if attention == "softmax" else 2.0 / k  # sigmoid: the weights sum to K / 2
+    for e in range(k):
+        assert torch.equal(layer.weight[e], layer.weight[0])
+        assert torch.allclose(layer.weight[e], scale * conv.weight, rtol=0, atol=1e-7)
+        assert torch.allclose(layer.bias[e], scale * conv.bias, rtol=0, atol=1e-7)
+    x = make_input(cfg, 6)
+    pi = reference_routing(layer, x)
+    total = pi.sum(dim=1)
+    assert torch.allclose(total, torch.full_like(total, 1.0 / scale), rtol=0, atol=1e-6)
+    if k > 1:
+        assert layer.attention.fc2.weight.abs().max() > 0
+        assert (pi - pi[:1]).abs().max() > 1e-3  # sample-dependent from the start
+    for name in ("fc1", "fc2"):
+        assert getattr(layer.attention, name).weight.requires_grad
+
+
+def test_upcycle_routing_std_scales_the_attention():
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    g = torch.Generator().manual_seed(3)
+    small = DynamicConv2d.from_conv(conv, routing_std=0.1, generator=g)
+    g = torch.Generator().manual_seed(3)
+    large = DynamicConv2d.from_conv(conv, routing_std=2.0, generator=g)
+    w_small, w_large = small.attention.fc2.weight, large.attention.fc2.weight
+    assert torch.allclose(w_large, 20 * w_small, atol=1e-5)
+    assert 0.5 < float(w_large.std()) < 4
+    assert torch.count_nonzero(large.attention.fc2.bias) == 0
+    with pytest.raises(ValueError, match="routing_std"):
+        DynamicConv2d.from_conv(conv, routing_std=-1.0)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_scratch_initialises_experts_independently(attention):
+    cfg = _cfg(in_channels=16, out_channels=12, padding=1)
+    conv = nn.Conv2d(**cfg)
+    layer = DynamicConv2d.from_conv(
+        conv, num_experts=4, attention=attention, init="scratch",
+        generator=torch.Generator().manual_seed(1),  # not the global seed the conv was drawn with
+    )  # fmt: skip
+    w = layer.weight.detach()
+    bound = 1 / math.sqrt(16 * 9)  # nn.Conv2d's kaiming_uniform(a=sqrt 5) bound
+    for a, b in itertools.combinations(range(4), 2):
+        assert not torch.allclose(w[a], w[b], atol=1e-3)
+    for e in range(4):
+        assert float(w[e].abs().max()) <= bound + 1e-7
+        assert 0.8 < float(w[e].std()) / (bound / math.sqrt(3)) < 1.2
+        assert not torch.allclose(w[e], conv.weight, atol=1e-3)
+    # The attention is nn.Linear's default, not zeroed: routing is random and non-uniform.
+    assert torch.count_nonzero(layer.attention.fc2.weight) == layer.attention.fc2.weight.numel()
+    assert layer.kernel_size == conv.kernel_size and layer.padding == conv.padding
+
+
+def test_from_conv_rejects_unknown_init_and_noise_outside_perturb():
+    conv = nn.Conv2d(4, 4, 3)
+    with pytest.raises(ValueError, match="init must be one of"):
+        DynamicConv2d.from_conv(conv, init="copy")  # type: ignore[arg-type]
+    for init in ("upcycle", "scratch"):
+        with pytest.raises(ValueError, match="noise applies to init='perturb' only"):
+            DynamicConv2d.from_conv(conv, init=init, noise=0.01)
+    DynamicConv2d.from_conv(conv, init="upcycle", noise=0.0)  # zero noise is no noise
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_perturb_noise_zero_gives_identical_experts(attention):
     conv = nn.Conv2d(8, 6, 3, padding=1)
-    layer = DynamicConv2d.from_conv(conv, num_experts=4, attention=attention, noise=0.0)
+    layer = DynamicConv2d.from_conv(
+        conv, num_experts=4, attention=attention, init="perturb", noise=0.0
+    )
     scale = 1.0 if attention == "softmax" else 0.5  # sigmoid: 4 experts x 0.5 each
     for k in range(4):
         assert torch.equal(layer.weight[k], layer.weight[0])
         assert torch.allclose(layer.weight[k], scale * conv.weight, rtol=0, atol=1e-7)
         assert torch.allclose(layer.bias[k], scale * conv.bias, rtol=0, atol=1e-7)
+    assert torch.count_nonzero(layer.attention.fc2.weight) == 0
 
 
 @pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
-def test_from_conv_noise_makes_experts_differ_around_the_kernel(attention):
+def test_perturb_noise_makes_experts_differ_around_the_kernel(attention):
     conv = nn.Conv2d(8, 6, 3, padding=1)
     noise = 0.05
-    layer = DynamicConv2d.from_conv(conv, num_experts=4, attention=attention, noise=noise)
+    layer = DynamicConv2d.from_conv(
+        conv, num_experts=4, attention=attention, init="perturb", noise=noise
+    )
     w = layer.weight.detach()
     per_expert = 1.0 / 4 if attention == "softmax" else 0.5
     mixed = per_expert * w.sum(0)
@@ -667,13 +758,23 @@ def test_from_conv_noise_makes_experts_differ_around_the_kernel(attention):
         assert not torch.allclose(w[a], w[b], atol=1e-4)
 
 
-def test_from_conv_generator_is_reproducible():
+@pytest.mark.parametrize("init", ["upcycle", "scratch", "perturb"])
+def test_from_conv_generator_is_reproducible(init):
     conv = nn.Conv2d(8, 6, 3)
-    a = DynamicConv2d.from_conv(conv, generator=torch.Generator().manual_seed(1))
-    b = DynamicConv2d.from_conv(conv, generator=torch.Generator().manual_seed(1))
-    c = DynamicConv2d.from_conv(conv, generator=torch.Generator().manual_seed(2))
+
+    def make(seed):
+        return DynamicConv2d.from_conv(conv, init=init, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = make(1), make(1), make(2)
     assert torch.equal(a.weight, b.weight)
-    assert not torch.equal(a.weight, c.weight)
+    for name in ("fc1", "fc2"):
+        wa, wb = getattr(a.attention, name).weight, getattr(b.attention, name).weight
+        assert torch.equal(wa, wb)
+    differs = [not torch.equal(a.weight, c.weight)] + [
+        not torch.equal(getattr(a.attention, n).weight, getattr(c.attention, n).weight)
+        for n in ("fc1", "fc2")
+    ]
+    assert all(differs[1:]) if init == "upcycle" else all(differs[:2])
 
 
 def _first_backward(layer: DynamicConv2d, x: torch.Tensor):
@@ -698,11 +799,32 @@ def _first_backward(layer: DynamicConv2d, x: torch.Tensor):
 
 
 @pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+def test_upcycle_experts_get_different_gradients_from_the_first_step(attention):
+    cfg = _cfg(in_channels=8, out_channels=8, padding=1)
+    layer = DynamicConv2d.from_conv(nn.Conv2d(**cfg), num_experts=4, attention=attention)
+    x = make_input(cfg, 6)
+    fc2_grad, _ = _first_backward(layer, x)
+    g = layer.weight.grad
+    # Per-sample routing weighs each expert's gradient differently: they separate at once.
+    for a, b in itertools.combinations(range(4), 2):
+        assert (g[a] - g[b]).abs().max() > 1e-3 * g.abs().max()
+    # Contrast: perturb's uniform start gives every expert the same gradient.
+    flat = DynamicConv2d.from_conv(
+        nn.Conv2d(**cfg), num_experts=4, attention=attention, init="perturb"
+    )
+    _first_backward(flat, x)
+    gf = flat.weight.grad
+    assert (gf - gf[:1]).abs().max() <= 1e-6 * gf.abs().max()
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_from_conv_attention_learns_from_the_first_step(attention, batch):
+def test_perturb_attention_learns_from_the_first_step(attention, batch):
     cfg = _cfg(in_channels=8, out_channels=8, padding=1)
     conv = nn.Conv2d(**cfg)
-    layer = DynamicConv2d.from_conv(conv, num_experts=4, attention=attention, noise=0.01)
+    layer = DynamicConv2d.from_conv(
+        conv, num_experts=4, attention=attention, init="perturb", noise=0.01
+    )
     assert torch.count_nonzero(layer.attention.fc2.weight) == 0
     x = make_input(cfg, batch)
     fc2_grad, logit_grad = _first_backward(layer, x)
@@ -710,16 +832,22 @@ def test_from_conv_attention_learns_from_the_first_step(attention, batch):
     assert logit_grad.abs().max() > 1e-6
     if attention == "softmax":
         # Contrast: identical experts give the softmax logits (numerically) no gradient.
-        twin = DynamicConv2d.from_conv(conv, num_experts=4, attention=attention, noise=0.0)
+        twin = DynamicConv2d.from_conv(
+            conv, num_experts=4, attention=attention, init="perturb", noise=0.0
+        )
         _, still = _first_backward(twin, x)
         assert still.abs().max() < 1e-3 * logit_grad.abs().max()
 
 
+@pytest.mark.parametrize("init", ["upcycle", "perturb"])
 @pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
-def test_single_expert(attention):
+def test_single_expert(attention, init):
     cfg = _cfg(padding=1, stride=2, padding_mode="replicate")
     conv = nn.Conv2d(**cfg).eval()
-    layer = DynamicConv2d.from_conv(conv, num_experts=1, attention=attention, noise=0.1)
+    noise = 0.1 if init == "perturb" else None
+    layer = DynamicConv2d.from_conv(
+        conv, num_experts=1, attention=attention, init=init, noise=noise
+    )
     x = make_input(cfg, 3)
     assert rel_err(layer(x), conv(x)) < 1e-5
     fresh = make_layer(cfg, attention, num_experts=1)
@@ -731,7 +859,7 @@ def test_from_conv_keeps_the_training_flag_and_rejects_negative_noise():
     assert not DynamicConv2d.from_conv(conv).training
     assert DynamicConv2d.from_conv(conv.train()).training
     with pytest.raises(ValueError, match="noise"):
-        DynamicConv2d.from_conv(conv, noise=-0.1)
+        DynamicConv2d.from_conv(conv, init="perturb", noise=-0.1)
 
 
 # -- temperature and state ------------------------------------------------------------------

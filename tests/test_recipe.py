@@ -157,10 +157,53 @@ def test_later_rule_overrides_earlier_field_by_field() -> None:
     assert pwl.temperature == TemperatureSchedule.constant(5)
     assert s["head.fc"].experts == 2 and s["head.fc"].reduction == 4  # only rule 2
     assert not s["stem.conv"].convert and s["stem.conv"].experts == 6
-    assert s["s2.0.conv2"] == LayerSettings(experts=8, reduction=16)
+    # No temperature set: the plan holds the upcycle init's default, explicitly.
+    assert s["s2.0.conv2"] == LayerSettings(
+        experts=8, reduction=16, temperature=TemperatureSchedule.constant(1.0)
+    )
     # The reason names the rule that decided convert (else the defaults).
     assert plan.layer("stem.conv").reason == "rule 4"
     assert plan.layer("s1.0.dw").reason == "defaults"
+
+
+@pytest.mark.parametrize(
+    ("init", "expected"),
+    [
+        ("upcycle", TemperatureSchedule.constant(1.0)),
+        ("scratch", TemperatureSchedule(start=30, end=1, length=10)),
+        ("perturb", TemperatureSchedule(start=30, end=1, length=10)),
+    ],
+)
+def test_each_init_gets_its_temperature_default(init: str, expected: TemperatureSchedule) -> None:
+    plan = resolve_plan(TRACE, load_recipe({"defaults": {"init": init}}))
+    assert {lp.settings.temperature for lp in plan.converted} == {expected}
+    assert {lp.settings.init for lp in plan.converted} == {init}
+    # A rule that switches the init switches the default too; an explicit schedule wins.
+    plan = resolve_plan(
+        TRACE,
+        load_recipe(
+            {
+                "rules": [
+                    {"select": {"stage": 1}, "init": init},
+                    {"select": {"name": "s1.0.pw"}, "temperature": 7},
+                ]
+            }
+        ),
+    )
+    s = {lp.name: lp.settings for lp in plan.layers}
+    assert s["s1.0.dw"].temperature == expected
+    assert s["s1.0.pw"].temperature == TemperatureSchedule.constant(7)
+    assert s["s2.0.conv2"].temperature == TemperatureSchedule.constant(1.0)
+
+
+def test_noise_outside_the_perturb_init_is_one_clear_error() -> None:
+    with pytest.raises(DynifyError, match=r"defaults\.noise: noise applies to init: perturb"):
+        load_recipe({"defaults": {"noise": 0.01}})
+    with pytest.raises(DynifyError, match=r"rules\[0\]\.noise: .*init: scratch"):
+        load_recipe({"rules": [{"select": {"stem": True}, "init": "scratch", "noise": 0.1}]})
+    ok = load_recipe({"defaults": {"init": "perturb", "noise": 0.05}})
+    assert ok.defaults.noise == 0.05
+    assert load_recipe({"defaults": {"noise": 0}}).defaults.noise == 0
 
 
 def test_last_matching_convert_wins() -> None:
@@ -256,6 +299,10 @@ def test_unknown_key_names_line_and_nearest_key(tmp_path: Path) -> None:
         ("defaults:\n  attention: softmaxx\n", ":2: defaults.attention",
          "did you mean 'softmax'"),
         ("defaults:\n  noise: -1\n", ":2: defaults.noise", ">= 0"),
+        ("defaults:\n  init: upcycled\n", ":2: defaults.init", "did you mean 'upcycle'"),
+        ("defaults:\n  init: perturb\n  noise: 0.1\nrules:\n  - {init: scratch, noise: 0.2}\n",
+         ":5: rules[0].noise", "init: scratch"),
+        ("defaults:\n  routing_std: -1\n", ":2: defaults.routing_std", ">= 0"),
         ("defaults:\n  temperature: {shape: cosin}\n", "defaults.temperature.shape",
          "did you mean 'cosine'"),
         ("defaults:\n  temperature: {start: 0}\n", "defaults.temperature.start", "> 0"),
@@ -327,7 +374,7 @@ def test_unknown_bundled_name_lists_the_bundled_recipes() -> None:
         load_recipe("mobil")
     msg = str(err.value)
     assert "neither a file nor a bundled recipe" in msg and "did you mean 'mobile'" in msg
-    assert "bundled recipes: all, condconv, dycnn, mobile" in msg
+    assert "bundled recipes: all, condconv, dycnn, dycnn-scratch, mobile" in msg
     with pytest.raises(DynifyError, match="neither a file nor a bundled recipe"):
         load_recipe("some/dir/missing.yaml")
     with pytest.raises(DynifyError, match="got int"):
@@ -367,7 +414,12 @@ def test_bundled_recipes_on_resnet18(resnet18_trace: ModelTrace) -> None:
     assert [lp.name for lp in dycnn.converted] == names[1:]  # all but conv1
     first = dycnn.converted[0].settings
     assert (first.experts, first.reduction, first.attention) == (4, 4, "softmax")
-    assert first.temperature == TemperatureSchedule(30, 1, 10, "linear", "epoch")
+    assert first.init == "upcycle" and first.temperature == TemperatureSchedule.constant(1)
+    scratch = resolve_plan(resnet18_trace, load_recipe("dycnn-scratch"))
+    assert [lp.name for lp in scratch.converted] == names[1:]
+    assert {(lp.settings.init, lp.settings.temperature) for lp in scratch.converted} == {
+        ("scratch", TemperatureSchedule(30, 1, 10, "linear", "epoch"))
+    }
 
     mobile = resolve_plan(resnet18_trace, load_recipe("mobile"))
     assert [lp.name for lp in mobile.converted] == [

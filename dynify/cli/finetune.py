@@ -100,6 +100,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--sync-bn", action="store_true", help="under torchrun on GPUs: global batch-norm stats"
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--routing-images",
+        type=int,
+        default=256,
+        metavar="N",
+        help="measure the dynamic layers' routing on N validation images after every epoch "
+        "(in the epoch line and metrics.json; 0: off; default 256)",
+    )
     p.set_defaults(run=run_command)
 
 
@@ -187,6 +195,7 @@ def run_command(args: argparse.Namespace) -> int:
             seed=args.seed,
             workers=args.workers,
             progress=not args.quiet,
+            routing_images=args.routing_images,
         )
     except TrainingDiverged as err:
         if primary:
@@ -202,6 +211,14 @@ def run_command(args: argparse.Namespace) -> int:
     if result.images_per_s:
         line += f", {result.images_per_s:.0f} training images/s"
     print(line)
+    routing = result.history[-1].get("routing") if result.history else None
+    if routing:
+        print(
+            f"routing on {routing['images']} validation images: effect "
+            f"{100 * routing['effect']:.2f}% of the logits ({100 * routing['flips']:.1f}% of "
+            f"predictions flip with every attention frozen at its mean), entropy "
+            f"{routing['entropy']:.3f} (1 = uniform), expert spread {routing['expert_spread']:.4f}"
+        )
     try:
         dynify.plan_of(model)
     except DynifyError:

@@ -17,7 +17,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "torch's FlopCounterMode are shown beside them."
         ),
     )
-    p.add_argument("model", help="timm model name, e.g. resnet50")
+    p.add_argument(
+        "model",
+        help="timm model name, e.g. resnet50, or a .safetensors artifact (its plan and weights)",
+    )
     p.add_argument(
         "--recipe",
         default=None,
@@ -41,6 +44,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="say whether each model fits, e.g. 600MFLOPs, 300MMACs, 25Mparams, 3ms",
     )
     p.add_argument("--all", action="store_true", help="list every conv, not only convertible")
+    routing = p.add_argument_group(
+        "routing (an artifact and --data: does each dynamic layer route?)"
+    )
+    routing.add_argument(
+        "--data",
+        default=None,
+        metavar="D",
+        help="measure routing on the validation split of this data set (folder, .tar, "
+        "torch/NAME; a single folder or .tar is split as 'dynify finetune' splits it)",
+    )
+    routing.add_argument(
+        "--routing-images", type=int, default=512, metavar="N", help="images to use (512)"
+    )
+    routing.add_argument(
+        "--img-size", type=int, default=None, metavar="S", help="image size (default: the model's)"
+    )
+    routing.add_argument(
+        "--plot", default=None, metavar="PNG", help="write a PNG of attention use per layer"
+    )
+    routing.add_argument(
+        "--no-logit-effects",
+        action="store_true",
+        help="skip each layer's effect on the logits (one pass over the images per layer)",
+    )
     p.set_defaults(run=run)
 
 
@@ -87,6 +114,13 @@ def run(args: argparse.Namespace) -> int:
             f"--batch-size and --repeats must be >= 1, got {args.batch_size}, {args.repeats}"
         )
     device = cost.resolve_device(args.device)
+    if args.model.endswith(".safetensors"):
+        return _inspect_artifact(args, device=device, input_size=input_size)
+    if args.data is not None or args.plot is not None:
+        raise DynifyError(
+            "--data and --plot measure a converted model's routing: give a .safetensors "
+            "artifact (from 'dynify convert' or 'dynify finetune'), not a timm model name"
+        )
     recipe = dynify.load_recipe(args.recipe)
     model = create_model(
         args.model,
@@ -136,3 +170,90 @@ def run(args: argparse.Namespace) -> int:
         verdict = {True: "fits", False: "does not fit"}
         print(f"budget {budget}: static {verdict[fits[0]]}, converted {verdict[fits[1]]}")
     return 0
+
+
+def _inspect_artifact(args: argparse.Namespace, *, device, input_size) -> int:
+    """An artifact: its plan and cost, and with --data its routing, layer by layer."""
+    import dynify
+    from dynify import cost
+    from dynify._table import format_table
+    from dynify.errors import DynifyError
+
+    for flag, value in (
+        ("--recipe", args.recipe),
+        ("--pretrained", args.pretrained),
+        ("--checkpoint", args.checkpoint),
+        ("--num-classes", args.num_classes),
+        ("--input-size", args.input_size),
+    ):
+        if value:
+            raise DynifyError(
+                f"{flag} applies to a timm MODEL; an artifact holds its plan and weights"
+            )
+    if args.plot is not None and args.data is None:
+        raise DynifyError("--plot draws the routing measured on --data: give --data too")
+    if args.routing_images < 1:
+        raise DynifyError(f"--routing-images must be >= 1, got {args.routing_images}")
+    plot = _writable(args.plot) if args.plot is not None else None
+    model = dynify.load(args.model).eval()
+    plan = dynify.plan_of(model)
+    before = cost.count(plan, batch_size=args.batch_size, static=True)
+    after = cost.count(plan, batch_size=args.batch_size)
+    size = "x".join(map(str, plan.input_size))
+    print(
+        f"{args.model}: {plan.model_name or 'model'}, recipe {plan.recipe}, input {size}; "
+        f"{len(plan.converted)}/{len(plan.layers)} convs dynamic"
+    )
+    header = ["layer", "conv", "input", "kind", "K", "MACs", "MACs after", "params",
+              "params after"]  # fmt: skip
+    print(format_table(header, _conv_rows(plan, before, after, show_all=args.all)))
+    print()
+    print(cost.format_totals(before, after, device=str(device)))
+    if args.data is None:
+        return 0
+    from dynify.train.data import data_config, eval_loader, load_data, sample_images
+
+    data = load_data(args.data, val_images=None)
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int) and num_classes != data.num_classes:
+        raise DynifyError(
+            f"the artifact classifies {num_classes} classes, the data {data.num_classes} "
+            f"({data.source})"
+        )
+    img_size = args.img_size if args.img_size is not None else plan.input_size[-1]
+    if args.img_size is None and input_size is not None:
+        img_size = input_size[-1]
+    cfg = data_config(model, img_size=img_size)
+    images = sample_images(data.val, args.routing_images)
+    n = len(images)
+    loader = eval_loader(images, cfg=cfg, batch_size=128, workers=0)
+    model.to(device)
+    report = dynify.routing_report(
+        model, loader, max_images=n, logit_effects=not args.no_logit_effects
+    )
+    print()
+    print(f"routing on {n} images of {data.val_source or data.source} at {img_size}px:")
+    print(report.table())
+    print(report.summary())
+    if plot is not None:
+        report.plot(plot)
+        print(f"wrote {plot}")
+    return 0
+
+
+def _writable(path: str):
+    """The PNG's path, refused before any work if its folder cannot take it."""
+    import os
+    from pathlib import Path
+
+    from dynify.errors import DynifyError
+
+    target = Path(path)
+    if target.is_dir():
+        raise DynifyError(f"--plot {path!r} is a folder; give a file name such as routing.png")
+    parent = target.parent if str(target.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise DynifyError(f"--plot {path!r}: {str(parent)!r} is not a folder")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise DynifyError(f"--plot {path!r}: the folder {str(parent)!r} is not writable")
+    return target

@@ -8,6 +8,7 @@ routes with an independent sigmoid per expert. Both are this module with a diffe
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -81,9 +82,60 @@ class KernelAttention(nn.Module):
             return torch.softmax(z, dim=1)
         return torch.sigmoid(z)
 
+    def reset_routing(self, *, std: float, generator: torch.Generator | None = None) -> None:
+        """A random attention whose weights still sum to the same constant for every input.
+
+        ``fc1`` is initialised as ``nn.Linear`` does and ``fc2``'s weight is drawn from
+        N(0, std^2) with a zero bias, so different inputs get different weights from the
+        start. Softmax weights sum to 1 whatever the logits; for sigmoid the rows of ``fc2``
+        come in antisymmetric pairs (``z_{2i+1} = -z_{2i}``, so the pair's weights sum to
+        exactly 1) and an odd expert out gets a zero row (weight 1/2): the weights sum to
+        ``K / 2``. A mixture of identical experts is then the same kernel for every input,
+        while each expert's gradient is weighted differently per sample.
+        """
+        _reset_linear(self.fc1, generator)
+        if self.fc2.weight.is_meta:
+            return
+        with torch.no_grad():
+            w = torch.empty(self.fc2.weight.shape, device=_device_of(generator))
+            w.normal_(0.0, float(std), generator=generator)
+            if self.kind == "sigmoid":
+                pairs = self.num_experts // 2
+                w[1 : 2 * pairs : 2] = -w[0 : 2 * pairs : 2]
+                if self.num_experts % 2:
+                    w[-1] = 0.0
+            self.fc2.weight.copy_(w)
+            self.fc2.bias.zero_()
+
+    def reset_parameters(self, *, generator: torch.Generator | None = None) -> None:
+        """Both layers initialised as ``nn.Linear`` initialises itself (random routing whose
+        weights do not sum to a constant under sigmoid)."""
+        _reset_linear(self.fc1, generator)
+        _reset_linear(self.fc2, generator)
+
     def value_at_zero(self) -> float:
         """Each expert's weight when all logits are zero (the state ``from_conv`` starts in)."""
         return 1.0 / self.num_experts if self.kind == "softmax" else 0.5
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, temperature={float(self.temperature):g}"
+
+
+def _device_of(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _reset_linear(linear: nn.Linear, generator: torch.Generator | None) -> None:
+    """``nn.Linear.reset_parameters`` drawing from ``generator`` (drawn where the generator
+    lives, then copied, so a CPU generator seeds a CUDA layer reproducibly)."""
+    if linear.weight.is_meta:
+        return
+    with torch.no_grad():
+        w = torch.empty(linear.weight.shape, device=_device_of(generator))
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+        linear.weight.copy_(w)
+        if linear.bias is not None:
+            bound = 1 / math.sqrt(linear.in_features) if linear.in_features > 0 else 0
+            b = torch.empty(linear.bias.shape, device=_device_of(generator))
+            b.uniform_(-bound, bound, generator=generator)
+            linear.bias.copy_(b)

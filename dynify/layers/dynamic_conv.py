@@ -7,6 +7,7 @@ with CondConv's sigmoid routing (Yang et al., 2019) as an option.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.fx
@@ -15,9 +16,29 @@ from torch import nn
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
 
 from dynify.layers._functional import DEFAULT_MAX_KERNEL_BYTES, dynamic_conv2d
-from dynify.layers.attention import ATTENTION_KINDS, AttentionKind, KernelAttention
+from dynify.layers.attention import (
+    ATTENTION_KINDS,
+    AttentionKind,
+    KernelAttention,
+    _reset_linear,
+)
 
-__all__ = ["PADDING_MODES", "DynamicConv2d"]
+__all__ = [
+    "DEFAULT_ROUTING_STD",
+    "EXPERT_INITS",
+    "PADDING_MODES",
+    "DynamicConv2d",
+    "ExpertInit",
+]
+
+# How from_conv starts the experts and the attention (see DynamicConv2d.from_conv).
+ExpertInit = Literal["upcycle", "scratch", "perturb"]
+EXPERT_INITS: tuple[str, ...] = ("upcycle", "scratch", "perturb")
+# Standard deviation of the random attention's last layer under init="upcycle", chosen by
+# measurement (bench/routing.py, bench/README.md "Routing").
+DEFAULT_ROUTING_STD = 1.0
+# The "perturb" init's expert noise (relative to the kernel's std), as the seed had it.
+DEFAULT_NOISE = 0.01
 
 PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
 
@@ -164,14 +185,24 @@ class DynamicConv2d(nn.Module):
             )  # type: ignore[return-value]
         return self.padding  # type: ignore[return-value]
 
-    def reset_parameters(self) -> None:
-        """Initialise every expert as ``nn.Conv2d`` initialises its kernel."""
-        for k in range(self.num_experts):
-            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight[0].numel() // self.out_channels
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
+    def reset_parameters(self, *, generator: torch.Generator | None = None) -> None:
+        """Initialise every expert independently as ``nn.Conv2d`` initialises its kernel, and
+        the attention as ``nn.Linear`` initialises itself (DY-CNN's from-scratch setting)."""
+        if self.weight.is_meta:  # built to be overwritten (from_conv)
+            return
+        with torch.no_grad():
+            # Drawn where the generator lives, then copied: a CPU generator seeds any device.
+            where = generator.device if generator is not None else self.weight.device
+            kernel = torch.empty(self.weight.shape[1:], device=where)
+            for k in range(self.num_experts):
+                nn.init.kaiming_uniform_(kernel, a=math.sqrt(5), generator=generator)
+                self.weight[k].copy_(kernel)
+            if self.bias is not None:
+                fan_in = self.weight[0].numel() // self.out_channels
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                bias = torch.empty(self.bias.shape, device=where)
+                self.bias.copy_(bias.uniform_(-bound, bound, generator=generator))
+        self.attention.reset_parameters(generator=generator)
 
     @classmethod
     def from_conv(
@@ -182,38 +213,65 @@ class DynamicConv2d(nn.Module):
         reduction: int = 4,
         attention: AttentionKind = "softmax",
         temperature: float = 1.0,
-        noise: float = 0.01,
+        init: ExpertInit = "upcycle",
+        routing_std: float = DEFAULT_ROUTING_STD,
+        noise: float | None = None,
         weight: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         max_kernel_bytes: int = DEFAULT_MAX_KERNEL_BYTES,
     ) -> DynamicConv2d:
-        """Build a dynamic layer that computes exactly what ``conv`` computes, at creation.
+        """Build a dynamic layer with ``conv``'s geometry, initialised as ``init`` says.
 
-        Every expert starts as ``conv``'s kernel plus a perturbation whose sum over the
-        experts is zero, and the attention's last layer starts at zero, so the attention is
-        uniform and the mixed kernel equals the original one, while the experts already
-        differ (the attention gets a gradient from the first step). In sigmoid mode each
-        expert weighs 0.5 at start, so the experts are scaled by ``2 / K``.
+        ``init`` (see :data:`EXPERT_INITS`):
+
+        - ``"upcycle"`` (default): every expert is a copy of ``conv``'s kernel and the
+          attention is random (:meth:`KernelAttention.reset_routing`, last layer
+          N(0, ``routing_std``^2)), with weights that sum to the same constant for every
+          input. The mixture of identical experts is the kernel whatever the attention says,
+          so the layer computes exactly what ``conv`` computes; and because the attention
+          differs per sample, each expert's gradient is weighted differently and the experts
+          separate from the first step. (Zeroing the attention instead gives every expert
+          the same gradient: they never separate and the attention never learns.)
+        - ``"scratch"``: the DY-CNN paper's setting for training from scratch: K experts
+          initialised independently as ``nn.Conv2d`` initialises a kernel and a default
+          ``nn.Linear`` attention. Only ``conv``'s geometry is used; the function changes.
+        - ``"perturb"``: the original seed's start, kept for comparison: experts are the
+          kernel plus zero-sum noise (``noise`` x the kernel's std, default 0.01) and the
+          attention's last layer is zero (uniform). Exact at creation, but measured not to
+          route under training (bench/README.md, "Routing").
+
+        Under sigmoid attention (mean weight 1/2) the experts are scaled by ``2 / K`` so that
+        the mixture is the kernel.
 
         Args:
             conv: the source convolution (an ``nn.Conv2d``; subclasses are read through
                 their ``weight`` and padding attributes).
-            noise: perturbation size relative to the kernel's standard deviation;
-                ``0`` makes identical copies.
+            routing_std: standard deviation of the random attention's last layer
+                (``"upcycle"``).
+            noise: perturbation size relative to the kernel's standard deviation
+                (``"perturb"`` only); ``0`` makes identical copies.
             weight: the effective kernel to start from when it differs from
                 ``conv.weight`` (e.g. a weight-standardised conv's standardised kernel).
-            generator: random generator for the perturbation (reproducible conversions).
+            generator: random generator for every random draw (reproducible conversions).
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
-        if weight is None and type(conv).forward is not nn.Conv2d.forward:
+        if init not in EXPERT_INITS:
+            raise ValueError(f"init must be one of {EXPERT_INITS}, got {init!r}")
+        if weight is None and init != "scratch" and type(conv).forward is not nn.Conv2d.forward:
             raise TypeError(
                 f"{type(conv).__name__} overrides Conv2d.forward, so its kernel or padding is not "
                 "what conv.weight says; pass the effective weight= (or use dynify.apply, which "
                 "handles timm's conv variants)"
             )
+        if noise is not None and init != "perturb" and noise != 0:
+            raise ValueError(f"noise applies to init='perturb' only, got noise={noise} with {init!r}")
+        if noise is None:
+            noise = DEFAULT_NOISE if init == "perturb" else 0.0
         if noise < 0:
             raise ValueError(f"noise must be >= 0, got {noise}")
+        if not routing_std >= 0:
+            raise ValueError(f"routing_std must be >= 0, got {routing_std}")
         source = conv.weight if weight is None else weight
         # Built on the meta device and then given real storage: the experts are written
         # below, so a default initialisation of K kernels would be wasted work.
@@ -235,17 +293,23 @@ class DynamicConv2d(nn.Module):
             temperature=temperature,
             max_kernel_bytes=max_kernel_bytes,
         ).to_empty(device=source.device)
-        scale = 1.0 / (num_experts * layer.attention.value_at_zero())
         with torch.no_grad():
-            _init_experts(
-                layer.weight, source.detach(), noise=noise, scale=scale, generator=generator
-            )
-            if conv.bias is not None:
-                assert layer.bias is not None
-                layer.bias.copy_(scale * conv.bias.detach().unsqueeze(0).expand_as(layer.bias))
-            layer.attention.fc1.reset_parameters()
-            nn.init.zeros_(layer.attention.fc2.weight)
-            nn.init.zeros_(layer.attention.fc2.bias)
+            if init == "scratch":
+                layer.reset_parameters(generator=generator)
+            else:
+                scale = 1.0 / (num_experts * layer.attention.value_at_zero())
+                _init_experts(
+                    layer.weight, source.detach(), noise=noise, scale=scale, generator=generator
+                )
+                if conv.bias is not None:
+                    assert layer.bias is not None
+                    layer.bias.copy_(scale * conv.bias.detach().unsqueeze(0).expand_as(layer.bias))
+                if init == "upcycle":
+                    layer.attention.reset_routing(std=routing_std, generator=generator)
+                else:
+                    _reset_linear(layer.attention.fc1, generator)
+                    nn.init.zeros_(layer.attention.fc2.weight)
+                    nn.init.zeros_(layer.attention.fc2.bias)
             layer.attention.temperature.fill_(float(temperature))
         layer.train(conv.training)
         return layer
@@ -267,7 +331,11 @@ class DynamicConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The attention pools the unpadded input, as the surrounding network sees it.
-        routing = self.attention(x)
+        return self.forward_routed(x, self.attention(x))
+
+    def forward_routed(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        """The convolution with given expert weights ``routing`` ``(B, K)`` instead of the
+        attention's (what the routing diagnostics use to freeze a layer's routing)."""
         return dynamic_conv2d(
             _keep_layout(self._pad(x), x),
             routing,

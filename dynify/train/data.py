@@ -121,6 +121,12 @@ def load_data(
     return Data(train, val, data.classes, data.source, data.val_source)
 
 
+def sample_images(ds: Dataset, n: int, *, seed: int = 0) -> Dataset:
+    """A fixed random subset of ``min(n, len(ds))`` images (a class-ordered folder's first
+    ``n`` images would all be of one class)."""
+    return _subset(ds, min(n, len(ds)), "images", seed)
+
+
 def _subset(ds: Dataset, n: int | None, what: str, seed: int) -> Dataset:
     if n is None or n == len(ds):
         return ds

@@ -164,6 +164,7 @@ def finetune(
     data_cache: str | os.PathLike[str] | None = None,
     callbacks: Sequence[EpochCallback] = (),
     progress: bool = True,
+    routing_images: int = 256,
 ) -> FinetuneResult:
     """Train ``model`` on ``data`` for ``epochs`` epochs; return the trained model and metrics.
 
@@ -216,6 +217,10 @@ def finetune(
             :class:`StopTraining` to end the run normally; any other exception (e.g.
             ``optuna.TrialPruned``) propagates.
         progress: show a progress bar and one line per epoch (rank 0).
+        routing_images: after every epoch, measure the dynamic layers' routing
+            (:func:`dynify.routing_report`) on this many validation images and record it
+            in the metrics (``routing``: the model's routing effect, flips, entropy and
+            per-layer figures); 0 skips it. Costs about three evaluation passes over them.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite (the checkpoint of the last
@@ -232,6 +237,8 @@ def finetune(
         raise DynifyError(f"distill weight must be in [0, 1], got {distill_weight}")
     if resume is True and output is None:
         raise DynifyError("resume needs the run folder: give output= (--output DIR)")
+    if isinstance(routing_images, bool) or not isinstance(routing_images, int) or routing_images < 0:
+        raise DynifyError(f"routing images must be an integer >= 0, got {routing_images!r}")
     if lr is None:
         lr = (0.1 if opt.lower() in _SGD_LIKE else 1e-3) * batch_size / 256
     settings: dict[str, Any] = {
@@ -273,6 +280,7 @@ def finetune(
             workers=workers,
             data_cache=data_cache,
             progress=progress,
+            routing_images=routing_images,
         )
         return run.train(data, output=output, resume=resume, callbacks=callbacks)
     finally:
@@ -295,6 +303,7 @@ class _Run:
         workers: int,
         data_cache: str | os.PathLike[str] | None,
         progress: bool,
+        routing_images: int = 0,
     ) -> None:
         self.procs = procs
         self.model = model
@@ -309,6 +318,7 @@ class _Run:
         self.workers = workers
         self.data_cache = data_cache
         self.show = progress and procs.is_primary
+        self.routing_images = routing_images
 
     # -- setup --------------------------------------------------------------------------
 
@@ -491,6 +501,7 @@ class _Run:
                 "temperature": self.temperature.temperature,
                 **train_metrics,
                 **self._evaluate(),
+                **self._routing(),
                 "seconds": time.perf_counter() - t0,
             }
             history.append(metrics)
@@ -582,6 +593,36 @@ class _Run:
             channels_last=self.channels_last,
             num_classes=self.data.num_classes,
         )
+
+    def _routing(self) -> dict[str, Any]:
+        """The routing diagnostics on the first validation images (every process measures
+        the same images, so every process reports the same figures)."""
+        from dynify.routing import dynamic_layers, routing_report
+
+        if not self.routing_images or not dynamic_layers(self.model):
+            return {}
+        report = routing_report(self.model, self._routing_batches(), max_images=self.routing_images)
+        return {"routing": report.to_dict()}
+
+    def _routing_batches(self):
+        from dynify.train.data import eval_loader, sample_images
+
+        if not hasattr(self, "_routing_loader"):
+            # Not the DDP-sharded validation loader: the same images on every process.
+            self._routing_loader = eval_loader(
+                sample_images(self.data.val, self.routing_images),
+                cfg=self.loaders.data_config,
+                batch_size=min(self.settings["batch_size"], 256),
+                # Read in worker processes like every other loader: a tar read in this
+                # process would share its file offset with the workers forked later.
+                workers=self.workers,
+                rank=0,
+                world_size=1,
+                pin_memory=False,
+            )
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        for x, _ in self._routing_loader:
+            yield x.to(self.device, memory_format=memory_format)
 
     # -- outputs ------------------------------------------------------------------------
 
@@ -765,9 +806,16 @@ def _fmt_t(value: float | None) -> str:
 
 def _summary(m: dict[str, Any], epochs: int) -> str:
     rate = m["images_per_s"]
+    routing = m.get("routing")
+    tail = ""
+    if routing:
+        tail = (
+            f" | routing effect {100 * routing['effect']:.2f}% ({100 * routing['flips']:.1f}% "
+            f"flips) H {routing['entropy']:.3f}"
+        )
     return (
         f"epoch {m['epoch']}/{epochs}: train loss {m['train_loss']:.4f} acc "
         f"{m['train_top1']:.2f}% | val loss {m['val_loss']:.4f} top-1 {m['val_top1']:.2f}% "
         f"top-5 {m['val_top5']:.2f}% | T {_fmt_t(m['temperature'])} lr {m['lr']:.3g} | "
-        f"{rate or 0:.0f} img/s"
+        f"{rate or 0:.0f} img/s{tail}"
     )
