@@ -660,3 +660,21 @@ def test_two_machines_share_one_postgresql_study(files, tmp_path: Path) -> None:
         with contextlib.suppress(KeyError):
             storage = make_storage(SearchSettings(budget=BUDGET, storage=url))
             optuna.delete_study(study_name=name, storage=storage)
+
+
+def test_advantage_over_static_is_judged_against_its_standard_error() -> None:
+    from dynify.search.report import _advantage
+
+    def cmp(a: float, b: float, best: str = "trial 3") -> dict:
+        return {"static": {"top1": a, "label": "static"}, "best": {"top1": b, "label": best}}
+
+    # 80% vs 82% on 5,000 images: se = 100 sqrt(.8 .2 / 5000 + .82 .18 / 5000) = 0.78435
+    v = _advantage(cmp(80.0, 82.0), 5000)
+    assert v is not None
+    assert v["standard_error"] == pytest.approx(0.78435, abs=1e-4)
+    assert v["difference"] == pytest.approx(2.0) and v["exceeds"]
+    assert "exceeds one standard error (2.5 SE)" in v["text"]
+    small = _advantage(cmp(80.0, 80.5), 2000)
+    assert small is not None and not small["exceeds"]
+    assert "cannot tell the best plan from static" in small["text"]
+    assert _advantage(cmp(80.0, 80.0, best="static"), 5000) is None  # static won

@@ -196,6 +196,34 @@ def _compare(ctx: SearchContext, trial: FrozenTrial, static: FrozenTrial | None)
     return out
 
 
+def _advantage(cmp: dict, images: int) -> dict | None:
+    """The best plan's held-out advantage over static against its standard error.
+
+    Both were scored on the same ``images`` held-out images; the standard error of the
+    difference of two accuracies is taken as if they were independent,
+    ``sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)``, which overstates it for paired scores (the
+    same images), so "exceeds" is a conservative verdict. It says nothing about a new seed.
+    """
+    a, b = cmp["static"]["top1"], cmp["best"]["top1"]
+    if a is None or b is None or cmp["best"]["label"] == cmp["static"]["label"] or images < 1:
+        return None
+    p1, p2 = a / 100, b / 100
+    se = 100 * math.sqrt(p1 * (1 - p1) / images + p2 * (1 - p2) / images)
+    diff = b - a
+    if se == 0:
+        exceeds = diff != 0
+    else:
+        exceeds = abs(diff) > se
+    word = "exceeds" if exceeds else "is within"
+    text = (
+        f"best - static: {diff:+.2f} top-1 points on {images:,} held-out images, standard "
+        f"error {se:.2f}: the difference {word} one standard error"
+        + (f" ({abs(diff) / se:.1f} SE)" if se else "")
+        + ("" if exceeds else "; the search cannot tell the best plan from static here")
+    )
+    return {"difference": diff, "standard_error": se, "exceeds": exceeds, "text": text}
+
+
 def _device_name(device: str) -> str:
     import torch
 
@@ -261,6 +289,10 @@ def write_report(study: optuna.Study, ctx: SearchContext) -> str:
             f"latency ratio best/static {cmp['latency_ratio']:.2f} (batch 1, median of "
             "interleaved rounds' ratios); FLOPs = 2 x MACs; measured = torch FlopCounterMode"
         )
+        verdict = _advantage(cmp, ctx.space.training.val_images)
+        if verdict is not None:
+            summary["best"]["advantage"] = verdict
+            lines.append(verdict["text"])
         lines.append(f"best plan: {folder / 'best.yaml'}")
     else:
         front_dir = folder / "front"
