@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train.tar, test.tar")
     p.add_argument("--model", default="test_resnet", help="timm model, trained from scratch")
     p.add_argument("--variants", default="static,dycnn,mobile", help="static and/or recipes")
+    p.add_argument(
+        "--init", default="scratch", choices=("scratch", "upcycle"),
+        help="how converted layers start (the paper trains from scratch: independent experts)",
+    )  # fmt: skip
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--train-images", type=int, default=25_000, help="fixed training subset")
@@ -86,12 +90,16 @@ def macs_and_params(model: torch.nn.Module, size: int) -> tuple[int, int, str]:
         return counter.get_total_flops() // 2, params, "FlopCounterMode / 2"
 
 
-def build(name: str, variant: str, seed: int, size: int) -> torch.nn.Module:
+def build(name: str, variant: str, seed: int, size: int, init: str = "scratch") -> torch.nn.Module:
     torch.manual_seed(seed)
     model = timm.create_model(name, num_classes=10)
     if variant == "static":
         return model
-    return dynify.apply(model, variant, input_size=(3, size, size), seed=seed)
+    # From scratch, the experts are initialised independently as in the DY-CNN paper
+    # (init: scratch), not copied from the random static init; --init upcycle copies them.
+    recipe = dynify.load_recipe(variant).to_dict()
+    recipe["defaults"]["init"] = init
+    return dynify.apply(model, recipe, input_size=(3, size, size), seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,14 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     costs = {}
     for v in variants:
-        macs, params, how = macs_and_params(build(args.model, v, 0, args.img_size), args.img_size)
+        macs, params, how = macs_and_params(
+            build(args.model, v, 0, args.img_size, args.init), args.img_size
+        )
         costs[v] = {"macs": macs, "params": params, "counted_by": how}
         print(f"{args.model} {v}: {macs / 1e6:.2f} MMACs, {params / 1e6:.3f} M params ({how})")
 
     runs = []
     for seed in seeds:
         for v in variants:
-            model = build(args.model, v, seed, args.img_size)
+            model = build(args.model, v, seed, args.img_size, args.init)
             start = time.perf_counter()
             result = finetune(
                 model=model,

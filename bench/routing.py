@@ -41,6 +41,13 @@ VARIANTS: dict[str, tuple[str, float | None, TemperatureSchedule]] = {
     "upcycle std3 T1": ("upcycle", 3.0, TemperatureSchedule.constant(1)),
     "upcycle std1 T30->1": ("upcycle", 1.0, TemperatureSchedule(start=30, end=1, length=10)),
     "upcycle std1 T10->1/2ep": ("upcycle", 1.0, TemperatureSchedule(start=10, end=1, length=2)),
+    # What the search spaces now sample (start 1 or 5, to 1 over 1 epoch).
+    "upcycle std1 T5->1/1ep": ("upcycle", 1.0, TemperatureSchedule(start=5, end=1, length=1)),
+    "upcycle std1 T5->1/1ep cos": (
+        "upcycle",
+        1.0,
+        TemperatureSchedule(start=5, end=1, length=1, shape="cosine"),
+    ),
 }
 
 

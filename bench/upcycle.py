@@ -61,10 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "upcycle"))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--width", type=int, default=16, help="first stage's channels")
-    p.add_argument("--pretrain-epochs", type=int, default=6)
+    p.add_argument("--pretrain-epochs", type=int, default=8)
     p.add_argument("--pretrain-lr", type=float, default=0.2)
     p.add_argument("--finetune-epochs", type=int, default=1)
-    p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--finetune-lr", type=float, default=0.04)
     p.add_argument("--scratch-epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--variants", default="static,dycnn,mobile", help="upcycling variants")
@@ -124,10 +124,16 @@ def cifar_resnet(width: int, seed: int) -> nn.Module:
         channels=(width, 2 * width, 4 * width, 8 * width),
         num_classes=10,
     )
-    stem = model.layer1[0].conv1.in_channels  # timm's plain stem feeds 64 channels
-    model.conv1 = nn.Conv2d(3, stem, 3, padding=1, bias=False)
-    model.bn1 = nn.BatchNorm2d(stem)
+    # CIFAR stem: one 3x3/1 conv to `width` channels (timm's plain stem always makes 64, so
+    # the first block is rebuilt to take `width` and drops its 1x1 shortcut projection).
+    model.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
     model.maxpool = nn.Identity()
+    first = model.layer1[0]
+    first.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+    first.downsample = None
+    for m in (model.conv1, first.conv1):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     model.pretrained_cfg = {"architecture": f"cifar_resnet10_w{width}", "input_size": (3, 32, 32)}
     return model
 
@@ -177,7 +183,7 @@ def train(
             idx = order[i * batch_size : (i + 1) * batch_size]
             xb = normalise(augment(x[idx], g))
             loss = F.cross_entropy(model(xb), y[idx], label_smoothing=0.2)
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(loss.item()):
                 raise RuntimeError("loss is not finite")
             opt.zero_grad(set_to_none=True)
             loss.backward()

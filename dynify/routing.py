@@ -167,7 +167,6 @@ class RoutingReport:
         ax_h.plot([lr.entropy for lr in self.layers], range(len(self.layers)), "k.", ms=4)
         ax_h.set_xlim(0, 1.05)
         ax_h.set_xlabel("attention entropy (dots; 1 = uniform)", fontsize=8)
-        ax_u.invert_yaxis()
         fig.tight_layout()
         import io
 
@@ -222,8 +221,7 @@ def routing_report(
         # Pass 1: every layer's attention, and the model's output.
         seen: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
         hooks = [
-            layer.attention.register_forward_hook(_recorder(seen[name]))
-            for name, layer in layers
+            layer.attention.register_forward_hook(_recorder(seen[name])) for name, layer in layers
         ]
         try:
             reference = [_logits(net(x)) for x in batches]

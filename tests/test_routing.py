@@ -81,10 +81,9 @@ def _hand_figures(attention: str, temperature: float):
     entropy = statistics.fmean(-(q[0] * math.log(q[0]) + q[1] * math.log(q[1])) for q in p)
     spread = math.sqrt(statistics.fmean(statistics.pvariance([q[k] for q in p]) for k in range(2)))
     total = sum(v * v for row in outputs for v in row)
-    diff = sum((v - f) ** 2 for row, frow in zip(outputs, frozen) for v, f in zip(row, frow))
-    flips = statistics.fmean(
-        float((row[0] > row[1]) != (frow[0] > frow[1])) for row, frow in zip(outputs, frozen)
-    )
+    pairs = list(zip(outputs, frozen, strict=True))
+    diff = sum((v - f) ** 2 for row, frow in pairs for v, f in zip(row, frow, strict=True))
+    flips = statistics.fmean(float((row[0] > row[1]) != (frow[0] > frow[1])) for row, frow in pairs)
     usage = [statistics.fmean(q[k] for q in p) for k in range(2)]
     # expert spread: std(W_k - mean) / std(mean) over all elements (sample std, as torch's)
     centre = [(w0[o][i] + w1[o][i]) / 2 for o in range(2) for i in range(2)]
@@ -295,8 +294,8 @@ def test_cli_inspect_an_artifact_with_data(
 ) -> None:
     artifact = tmp_path / "tiny.safetensors"
     model = dynify.apply(_tiny(), "dycnn", input_size=(3, 32, 32))
-    dynify.save(model, artifact, model_name="test_resnet",
-                model_kwargs={"num_classes": 4, "channels": [8, 16, 24, 32], "stem_width": 8})  # fmt: skip
+    kwargs = {"num_classes": 4, "channels": [8, 16, 24, 32], "stem_width": 8}
+    dynify.save(model, artifact, model_name="test_resnet", model_kwargs=kwargs)
     png = tmp_path / "out" / "routing.png"
     code = main(["inspect", str(artifact), "--data", str(splits), "--routing-images", "12",
                  "--plot", str(png)])  # fmt: skip
@@ -314,3 +313,18 @@ def test_cli_inspect_an_artifact_with_data(
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_scratch_and_upcycle_artifacts_round_trip(tmp_path: Path) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    for recipe in ("dycnn-scratch", "dycnn"):
+        model = dynify.apply(_tiny(), recipe, input_size=(3, 32, 32)).eval()
+        path = tmp_path / f"{recipe}.safetensors"
+        kwargs = {"num_classes": 4, "channels": [8, 16, 24, 32], "stem_width": 8}
+        dynify.save(model, path, model_name="test_resnet", model_kwargs=kwargs)
+        loaded = dynify.load(path).eval()
+        assert {lp.settings.init for lp in dynify.plan_of(loaded).converted} == {
+            "scratch" if recipe == "dycnn-scratch" else "upcycle"
+        }
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))

@@ -160,6 +160,7 @@ def test_a_minimal_space_gets_the_documented_defaults(tmp_path: Path) -> None:
     assert space.data is None and space.granularity == "stage"
     assert space.experts == (1, 2, 4, 8) and space.reduction == (4,)
     assert space.training.epochs == 2 and space.training.val_images == 2000
+    assert (space.temperature.start, space.temperature.end) == ((1.0,), (1.0,))  # constant 1
     assert space.label == "space" and space.source == str(tmp_path / "space.yaml")
 
 

@@ -265,7 +265,9 @@ class DynamicConv2d(nn.Module):
                 "handles timm's conv variants)"
             )
         if noise is not None and init != "perturb" and noise != 0:
-            raise ValueError(f"noise applies to init='perturb' only, got noise={noise} with {init!r}")
+            raise ValueError(
+                f"noise applies to init='perturb' only, got noise={noise} with {init!r}"
+            )
         if noise is None:
             noise = DEFAULT_NOISE if init == "perturb" else 0.0
         if noise < 0:

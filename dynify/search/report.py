@@ -62,6 +62,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "latency_ms": t.user_attrs.get("latency_ms", ""),
             "converted_layers": t.user_attrs.get("converted", ""),
             "same_as": t.user_attrs.get("same_as", ""),
+            "routing_effect": t.user_attrs.get("routing_effect", ""),
+            "attention_entropy": t.user_attrs.get("attention_entropy", ""),
             "seconds": t.duration.total_seconds() if t.duration else "",
         }
         for key, value in t.constraints.items():

@@ -447,7 +447,13 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, .
     same = _same_plan(trial, key)
     if same is not None:
         trial.set_user_attr("same_as", same.number)
-        for attr in ("latency_ms", "top1_history", "images_per_s"):
+        for attr in (
+            "latency_ms",
+            "top1_history",
+            "images_per_s",
+            "routing_effect",
+            "attention_entropy",
+        ):
             if attr in same.user_attrs:
                 trial.set_user_attr(attr, same.user_attrs[attr])
         _constrain(trial, {**constraints, **same.constraints})
@@ -494,6 +500,10 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, .
     top1 = float(result.top1 or 0.0)
     trial.set_user_attr("top1_history", [h["val_top1"] for h in result.history])
     trial.set_user_attr("images_per_s", result.images_per_s)
+    routing = result.history[-1].get("routing") if result.history else None
+    if routing:  # does the plan route at the end of its budget? (trials.csv shows it)
+        trial.set_user_attr("routing_effect", routing["effect"])
+        trial.set_user_attr("attention_entropy", routing["entropy"])
     if single:
         return top1
     second = ctx.settings.objectives[1]

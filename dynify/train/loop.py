@@ -237,7 +237,11 @@ def finetune(
         raise DynifyError(f"distill weight must be in [0, 1], got {distill_weight}")
     if resume is True and output is None:
         raise DynifyError("resume needs the run folder: give output= (--output DIR)")
-    if isinstance(routing_images, bool) or not isinstance(routing_images, int) or routing_images < 0:
+    if (
+        isinstance(routing_images, bool)
+        or not isinstance(routing_images, int)
+        or routing_images < 0
+    ):
         raise DynifyError(f"routing images must be an integer >= 0, got {routing_images!r}")
     if lr is None:
         lr = (0.1 if opt.lower() in _SGD_LIKE else 1e-3) * batch_size / 256
