@@ -8,8 +8,10 @@ and 4 pixels: not the tiny-map failure of an ImageNet stem on 32 px).
 - *Upcycling* (the design's use case): a static model is trained once (``pretrained.pt``,
   reused when present); then, for every seed, each variant starts from that checkpoint and
   gets the same extra budget: ``static`` (fine-tuned on), ``dycnn`` and ``mobile`` (the
-  bundled recipes, converted with ``dynify.apply``: exact at conversion) and, given
-  ``--plan best.yaml`` from a ``dynify search``, that plan.
+  bundled recipes, converted with ``dynify.apply``: exact at conversion) and, with
+  ``--search N``, the best plan of an N-trial ``dynify search`` run from the same checkpoint
+  (space ``bench/upcycle-space.yaml``, budget static MACs +10%; the model is registered
+  with timm as ``cifar_resnet10_w16``), or a given ``--plan best.yaml``.
 - *From scratch*: ``static`` against ``dycnn-scratch`` (independent experts, T 30 -> 1),
   same random init of the shared weights, same budget.
 
@@ -69,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--variants", default="static,dycnn,mobile", help="upcycling variants")
     p.add_argument("--plan", default=None, help="a searched recipe (best.yaml) to add")
+    p.add_argument(
+        "--search", type=int, default=0, metavar="N", help="add the best plan of an N-trial search"
+    )
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch runs")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
@@ -116,13 +121,20 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 # -- model --------------------------------------------------------------------------------
 
 
-def cifar_resnet(width: int, seed: int) -> nn.Module:
+@timm.models.register_model
+def cifar_resnet10_w16(pretrained: bool = False, **kwargs) -> nn.Module:
+    """The benchmark's model as a timm name, so that ``dynify search`` can build it."""
+    model = cifar_resnet(16, seed=0, num_classes=kwargs.get("num_classes", 10))
+    return model
+
+
+def cifar_resnet(width: int, seed: int, num_classes: int = 10) -> nn.Module:
     torch.manual_seed(seed)
     model = ResNet(
         BasicBlock,
         layers=(1, 1, 1, 1),
         channels=(width, 2 * width, 4 * width, 8 * width),
-        num_classes=10,
+        num_classes=num_classes,
     )
     # CIFAR stem: one 3x3/1 conv to `width` channels (timm's plain stem always makes 64, so
     # the first block is rebuilt to take `width` and drops its 1x1 shortcut projection).
@@ -240,6 +252,33 @@ def pretrained(args, x, y, tx, ty, out: Path) -> dict:
     return info
 
 
+def searched_plan(args, out: Path) -> str:
+    """Run (or resume) the search from the pretrained checkpoint; its best.yaml."""
+    from dynify.search.run import search
+    from dynify.search.study import SearchSettings
+
+    folder = out / "search"
+    best = folder / "best.yaml"
+    if best.exists():
+        return str(best)
+    static_macs = cost.count(cifar_resnet(args.width, 0), input_size=(3, 32, 32)).macs
+    budget = f"{1.10 * static_macs / 1e6:.3f}MMACs"
+    outcome = search(
+        SearchSettings(
+            budget=budget,
+            space=str(ROOT / "bench" / "upcycle-space.yaml"),
+            data=str(Path(args.data) / "train.tar"),
+            trials=args.search,
+            output=str(folder),
+            checkpoint=str(out / "pretrained.pt"),
+            device="cpu",
+            progress=False,
+        )
+    )
+    print(outcome.summary, flush=True)
+    return str(best)
+
+
 def run_one(kind: str, variant: str, seed: int, args, x, y, tx, ty, out: Path) -> dict:
     path = out / f"{kind}-{variant.replace('/', '_')}-s{seed}.json"
     if path.exists():
@@ -280,12 +319,41 @@ def run_one(kind: str, variant: str, seed: int, args, x, y, tx, ty, out: Path) -
     return record
 
 
-def summarise(records: list[dict], kind: str) -> list[str]:
+def side_by_side_speed(args, x, y, out: Path, variants: list[str]) -> dict[str, float]:
+    """Training images/s of every variant, timed round-robin in this one process (the
+    runs' own rates depend on what else the machine was doing while each ran)."""
+    models = {}
+    for variant in variants:
+        base = cifar_resnet(args.width, seed=1000)
+        if variant == "static":
+            models[variant] = base
+        else:
+            recipe = args.plan if variant == "searched" else variant
+            models[variant] = dynify.apply(base, recipe, input_size=(3, 32, 32), check=False)
+    g = torch.Generator().manual_seed(0)
+    batches = [(x[i * 256 : (i + 1) * 256], y[i * 256 : (i + 1) * 256]) for i in range(4)]
+    times: dict[str, list[float]] = {v: [] for v in models}
+    for round_ in range(4):
+        for variant, model in models.items():
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            model.train()
+            t0 = time.perf_counter()
+            for xb, yb in batches:
+                loss = F.cross_entropy(model(normalise(augment(xb, g))), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if round_:  # the first round warms up
+                times[variant].append(time.perf_counter() - t0)
+    return {v: 4 * 256 / statistics.median(t) for v, t in times.items()}
+
+
+def summarise(records: list[dict], kind: str, speed: dict[str, float] | None = None) -> list[str]:
     runs = [r for r in records if r["kind"] == kind]
     static = {r["seed"]: r for r in runs if r["variant"] == "static"}
     lines = [
         "| variant | top-1 (mean of seeds) | delta vs static, paired (95% CI) | MACs | params "
-        "| train img/s | routing effect | entropy | seeds |",
+        "| train img/s (side by side) | routing effect | entropy | seeds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant in dict.fromkeys(r["variant"] for r in runs):
@@ -304,7 +372,7 @@ def summarise(records: list[dict], kind: str) -> list[str]:
                 delta = f"{mean:+.2f} (one seed)"
         macs = rs[0]["macs"] / 1e6
         params = rs[0]["params"] / 1e6
-        rate = statistics.fmean(r["images_per_s"] for r in rs)
+        rate = (speed or {}).get(variant) or statistics.fmean(r["images_per_s"] for r in rs)
         routed = [r["routing"] for r in rs if r["routing"]]
         effect = f"{100 * statistics.fmean(r['effect'] for r in routed):.2f}%" if routed else "-"
         entropy = f"{statistics.fmean(r['entropy'] for r in routed):.3f}" if routed else "-"
@@ -328,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         variants.append("searched")
     info = pretrained(args, x, y, tx, ty, out)
+    if args.search:
+        args.plan = searched_plan(args, out)
+        variants.append("searched")
     records = []
     for seed in seeds:  # interleaved seed by seed: a change in load hits every variant alike
         for variant in variants:
@@ -336,15 +407,17 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             for variant in ("static", "dycnn-scratch"):
                 records.append(run_one("scratch", variant, seed, args, x, y, tx, ty, out))
+    speed = side_by_side_speed(args, x, y, out, [*variants, "dycnn-scratch"])
+    (out / "speed.json").write_text(json.dumps(speed, indent=1) + "\n")
     text = [
         f"Upcycling: from the static model trained {info['epochs']} epochs (test top-1 "
         f"{info['top1']:.2f}%), {args.finetune_epochs} more epochs each, lr {args.finetune_lr}:",
         "",
-        *summarise(records, "upcycle"),
+        *summarise(records, "upcycle", speed),
     ]
     if not args.no_scratch:
         text += ["", f"From scratch, {args.scratch_epochs} epochs each:", "",
-                 *summarise(records, "scratch")]  # fmt: skip
+                 *summarise(records, "scratch", speed)]  # fmt: skip
     (out / "summary.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
     return 0

@@ -100,10 +100,29 @@ def _conv_rows(plan, before, after, *, show_all: bool) -> list[list[str]]:
     return rows
 
 
+def _print_plan(label: str, plan, args: argparse.Namespace):
+    """The per-conv table of ``plan``; returns its static and converted cost reports."""
+    from dynify import cost
+    from dynify._table import format_table
+
+    before = cost.count(plan, batch_size=args.batch_size, static=True)
+    after = cost.count(plan, batch_size=args.batch_size)
+    per = "per image" if args.batch_size == 1 else f"per batch of {args.batch_size}"
+    size = "x".join(map(str, plan.input_size))
+    print(
+        f"{label} recipe {plan.recipe}, input {size}, {per}; "
+        f"{len(plan.converted)}/{len(plan.layers)} convs dynamic"
+    )
+    header = ["layer", "conv", "input", "kind", "K", "MACs", "MACs after", "params",
+              "params after"]  # fmt: skip
+    print(format_table(header, _conv_rows(plan, before, after, show_all=args.all)))
+    print()
+    return before, after
+
+
 def run(args: argparse.Namespace) -> int:
     import dynify
     from dynify import cost
-    from dynify._table import format_table
     from dynify.errors import DynifyError
     from dynify.models import create_model, parse_input_size
 
@@ -129,19 +148,7 @@ def run(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
     ).eval()
     plan = dynify.make_plan(model, recipe, input_size=input_size)
-    before = cost.count(plan, batch_size=args.batch_size, static=True)
-    after = cost.count(plan, batch_size=args.batch_size)
-
-    per = "per image" if args.batch_size == 1 else f"per batch of {args.batch_size}"
-    size = "x".join(map(str, plan.input_size))
-    print(
-        f"{args.model}: recipe {plan.recipe}, input {size}, {per}; "
-        f"{len(plan.converted)}/{len(plan.layers)} convs dynamic"
-    )
-    header = ["layer", "conv", "input", "kind", "K", "MACs", "MACs after", "params",
-              "params after"]  # fmt: skip
-    print(format_table(header, _conv_rows(plan, before, after, show_all=args.all)))
-    print()
+    before, after = _print_plan(f"{args.model}:", plan, args)
 
     converted = dynify.apply(model, plan)
     measured = (
@@ -176,7 +183,6 @@ def _inspect_artifact(args: argparse.Namespace, *, device, input_size) -> int:
     """An artifact: its plan and cost, and with --data its routing, layer by layer."""
     import dynify
     from dynify import cost
-    from dynify._table import format_table
     from dynify.errors import DynifyError
 
     for flag, value in (
@@ -197,17 +203,7 @@ def _inspect_artifact(args: argparse.Namespace, *, device, input_size) -> int:
     plot = _writable(args.plot) if args.plot is not None else None
     model = dynify.load(args.model).eval()
     plan = dynify.plan_of(model)
-    before = cost.count(plan, batch_size=args.batch_size, static=True)
-    after = cost.count(plan, batch_size=args.batch_size)
-    size = "x".join(map(str, plan.input_size))
-    print(
-        f"{args.model}: {plan.model_name or 'model'}, recipe {plan.recipe}, input {size}; "
-        f"{len(plan.converted)}/{len(plan.layers)} convs dynamic"
-    )
-    header = ["layer", "conv", "input", "kind", "K", "MACs", "MACs after", "params",
-              "params after"]  # fmt: skip
-    print(format_table(header, _conv_rows(plan, before, after, show_all=args.all)))
-    print()
+    before, after = _print_plan(f"{args.model}: {plan.model_name or 'model'},", plan, args)
     print(cost.format_totals(before, after, device=str(device)))
     if args.data is None:
         return 0
