@@ -245,7 +245,7 @@ def apply(
             raise DynifyError(
                 f"converted model's output differs from the original's by {err:.2e} (relative "
                 f"max error > {EQUIVALENCE_TOLERANCE:g}); a badly conditioned model can lose "
-                "that much to float32 rounding alone (try noise=0 or float64 to tell), "
+                "that much to float32 rounding alone (convert in float64 to tell), "
                 "otherwise please report it with the model name; check=False skips the check"
             )
         plan.check_error = err

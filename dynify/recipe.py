@@ -163,8 +163,11 @@ class LayerSettings:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["temperature"] = self.schedule.to_dict()
-        for key in ("routing_std", "noise"):
+        if self.temperature is not None:
+            out["temperature"] = self.temperature.to_dict()
+        # Left out rather than null: "the init's default" survives a round trip (a rule that
+        # switches init then still gets that init's temperature).
+        for key in ("routing_std", "noise", "temperature"):
             if out[key] is None:
                 del out[key]
         return out

@@ -494,3 +494,13 @@ def test_make_plan_matches_apply(resnet18_trace: ModelTrace) -> None:
     assert [lp.name for lp in dynify.plan_of(converted).converted] == [
         lp.name for lp in plan.converted
     ]
+
+
+def test_recipe_round_trip_keeps_init_defaults_implicit() -> None:
+    recipe = load_recipe({"rules": [{"select": {"stage": 1}, "init": "scratch"}]})
+    again = load_recipe(recipe.to_dict())
+    assert again.to_dict() == recipe.to_dict() and "temperature" not in recipe.to_dict()["defaults"]
+    plan = resolve_plan(TRACE, again)
+    s = {lp.name: lp.settings for lp in plan.layers}
+    assert s["s1.0.dw"].temperature == TemperatureSchedule(start=30, end=1, length=10)
+    assert s["s2.0.conv2"].temperature == TemperatureSchedule.constant(1.0)
