@@ -1,7 +1,7 @@
 """What conversion buys: upcycling a trained CIFAR-10 model, and DY-CNN from scratch.
 
 Real CIFAR-10 (../shared/data/cifar10: all 50,000 training and 10,000 test images), a
-CIFAR-style ResNet (timm's ResNet with BasicBlocks, layers 1-1-1-1, widths 32-64-128-256,
+CIFAR-style ResNet (timm's ResNet with BasicBlocks, layers 1-1-1-1, widths 16-32-64-128,
 its 7x7/2 stem and max pool replaced by one 3x3/1 conv, so the feature maps are 32, 16, 8
 and 4 pixels: not the tiny-map failure of an ImageNet stem on 32 px).
 
