@@ -13,7 +13,10 @@ and 4 pixels: not the tiny-map failure of an ImageNet stem on 32 px).
   (space ``bench/upcycle-space.yaml``, budget static MACs +10%; the model is registered
   with timm as ``cifar_resnet10_w16``), or a given ``--plan best.yaml``.
 - *From scratch*: ``static`` against ``dycnn-scratch`` (independent experts, T 30 -> 1),
-  same random init of the shared weights, same budget.
+  same random init of the shared weights, same budget; and ``dycnn-scratch-frozen``, the
+  control: the same experts with the attention held uniform (a static conv parametrised as
+  the mean of its K kernels), so that a gain from the parametrisation is not taken for one
+  from routing.
 
 Training is a fast CIFAR loop in the spirit of airbench (images decoded once into a
 uint8 tensor, random crop with 4-pixel reflection padding and flips done on tensors, SGD
@@ -293,8 +296,17 @@ def run_one(kind: str, variant: str, seed: int, args, x, y, tx, ty, out: Path) -
     if variant == "static":
         model = base
     else:
-        recipe = args.plan if variant == "searched" else variant
+        recipe = args.plan if variant == "searched" else variant.removesuffix("-frozen")
         model = dynify.apply(base, recipe, input_size=(3, 32, 32), seed=seed)
+    if variant.endswith("-frozen"):
+        # The control: the same experts with the attention held uniform (zero logits, not
+        # trained), i.e. a static conv parametrised as the mean of K kernels. What it gains
+        # over static is not routing.
+        for _, layer in dynify.routing.dynamic_layers(model):
+            with torch.no_grad():
+                layer.attention.fc2.weight.zero_()
+                layer.attention.fc2.bias.zero_()
+            layer.attention.requires_grad_(False)
     before = test_top1(model, tx, ty)
     t0 = time.perf_counter()
     rate = train(model, x, y, epochs=epochs, lr=lr, batch_size=args.batch_size,
@@ -405,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append(run_one("upcycle", variant, seed, args, x, y, tx, ty, out))
     if not args.no_scratch:
         for seed in seeds:
-            for variant in ("static", "dycnn-scratch"):
+            for variant in ("static", "dycnn-scratch", "dycnn-scratch-frozen"):
                 records.append(run_one("scratch", variant, seed, args, x, y, tx, ty, out))
     speed = side_by_side_speed(args, x, y, out, [*variants, "dycnn-scratch"])
     (out / "speed.json").write_text(json.dumps(speed, indent=1) + "\n")

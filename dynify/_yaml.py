@@ -7,6 +7,7 @@ at fault (``recipes/mobile.yaml:14: rules[2].select.kernal_size: unknown key (di
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -88,6 +89,10 @@ class Doc:
             value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(path, f"expected a number{_min(minimum, exclusive)}, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf and .nan
+            raise self.error(
+                path, f"expected a finite number{_min(minimum, exclusive)}, got {value}"
+            )
         if minimum is not None and (value <= minimum if exclusive else value < minimum):
             raise self.error(path, f"expected a number{_min(minimum, exclusive)}, got {value}")
         return float(value)

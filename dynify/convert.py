@@ -204,7 +204,8 @@ def apply(
         model: a timm model (or any image model); it is copied unless ``inplace``.
         recipe: a YAML path, a bundled recipe's name (``"dycnn"``, ``"mobile"``, ...), a
             dict, a :class:`Recipe`, or an already resolved :class:`Plan`. ``None`` means
-            the DY-CNN defaults (``dycnn``: every conv but the first, K=4, r=4, T 30->1).
+            the DY-CNN defaults (``dycnn``: every conv but the first, K=4, r=4, upcycled,
+            T 1).
         input_size: ``(C, H, W)`` of the example input used to trace; default: the model's
             ``pretrained_cfg["input_size"]``.
         strict: fail when a recipe rule matches no conv (default: the recipe's setting).

@@ -201,7 +201,9 @@ class Plan:
             changed: dict[str, Any] = {"convert": True}
             for f in fields(LayerSettings):
                 value = getattr(settings, f.name)
-                if f.name != "convert" and value != getattr(defaults, f.name):
+                if value is None or f.name == "convert":  # None: the default; never null
+                    continue
+                if value != getattr(defaults, f.name):
                     changed[f.name] = value
             label = f"K={settings.experts} r={settings.reduction} {settings.attention}"
             rules.append(Rule(select=Selector(name=tuple(names)), settings=changed, name=label))

@@ -175,6 +175,8 @@ class LayerSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerSettings:
         data = dict(data)
+        if "init" not in data and data.get("noise"):
+            data["init"] = "perturb"  # a plan saved before inits existed: built that way
         if isinstance(data.get("temperature"), dict):
             data["temperature"] = TemperatureSchedule.from_dict(data["temperature"])
         return cls(**data)
@@ -302,6 +304,12 @@ class Recipe:
                 matched.append(i)
         if settings.temperature is None:  # the init's default, made explicit in the plan
             settings = replace(settings, temperature=settings.schedule)
+        if settings.convert and settings.noise and settings.init != "perturb":
+            raise DynifyError(
+                f"{self.source or 'recipe'}: {site.name}: noise {settings.noise:g} applies to "
+                f"init: perturb only, and this conv resolves to init: {settings.init}; remove "
+                "the noise or set init: perturb in the same rule"
+            )
         return settings, matched
 
     # -- (de)serialisation ------------------------------------------------------------
@@ -382,7 +390,8 @@ def parse_recipe(doc: Doc) -> Recipe:
         )
         if not settings:
             raise doc.error(path, f"a rule must set at least one of: {', '.join(SETTING_KEYS)}")
-        _check_noise(doc, path, settings.get("noise"), settings.get("init", defaults.init))
+        if "init" in settings:  # otherwise checked per layer once the rules are resolved
+            _check_noise(doc, path, settings.get("noise"), settings["init"])
         name = doc.string(entry["name"], f"{path}.name") if "name" in entry else None
         rules.append(
             Rule(

@@ -26,6 +26,7 @@ all images together. Everything runs in eval mode without gradients.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -133,10 +134,8 @@ class RoutingReport:
     def plot(self, path: str | Path) -> Path:
         """A PNG of attention use per layer: the mean weight of each expert (a heat map, one
         row per layer) beside each layer's routing effect and entropy."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # The object API, not pyplot: drawing a report must not change the process's backend.
+        from matplotlib.figure import Figure
 
         from dynify._io import atomic_write_bytes
 
@@ -147,9 +146,8 @@ class RoutingReport:
         for i, lr in enumerate(self.layers):
             usage[i, : lr.experts] = torch.tensor(lr.usage)
         height = 1.2 + 0.28 * len(self.layers)
-        fig, (ax_u, ax_e) = plt.subplots(
-            1, 2, figsize=(10, height), sharey=True, gridspec_kw={"width_ratios": [1.2, 1]}
-        )
+        fig = Figure(figsize=(10, height))
+        ax_u, ax_e = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1.2, 1]})
         im = ax_u.imshow(usage.numpy(), aspect="auto", cmap="viridis", vmin=0)
         ax_u.set_yticks(range(len(self.layers)), [lr.name for lr in self.layers], fontsize=7)
         ax_u.set_xticks(range(k_max), [str(k) for k in range(k_max)])
@@ -168,11 +166,8 @@ class RoutingReport:
         ax_h.set_xlim(0, 1.05)
         ax_h.set_xlabel("attention entropy (dots; 1 = uniform)", fontsize=8)
         fig.tight_layout()
-        import io
-
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
         path = Path(path)
         atomic_write_bytes(path, buf.getvalue())
         return path
@@ -212,10 +207,10 @@ def routing_report(
     layers = dynamic_layers(net)
     if not layers:
         raise DynifyError("the model has no dynamic layers (convert it with dynify.apply)")
-    device = next(net.parameters()).device
-    batches = _take(images, max_images, device)
+    param = next(net.parameters())
+    batches = _take(images, max_images, param.device, param.dtype)
     n = sum(b.shape[0] for b in batches)
-    was_training = net.training
+    modes = {m: m.training for m in net.modules()}  # restored one by one (frozen BN stays)
     net.eval()
     try:
         # Pass 1: every layer's attention, and the model's output.
@@ -228,6 +223,10 @@ def routing_report(
         finally:
             for h in hooks:
                 h.remove()
+        # A layer the forward pass never reached (an unused branch) has nothing to report.
+        layers = [(name, layer) for name, layer in layers if seen[name]]
+        if not layers:
+            raise DynifyError("no dynamic layer ran in the model's forward pass")
         attention = {name: torch.cat(seen[name]).double() for name, _ in layers}
         mean = {name: a.mean(dim=0) for name, a in attention.items()}
 
@@ -252,7 +251,8 @@ def routing_report(
             for name, layer in layers:
                 per_layer[name] = _frozen_effect(net, batches, reference, [(name, layer)], mean)
     finally:
-        net.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
 
     results = []
     for name, layer in layers:
@@ -305,7 +305,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _take(images: Any, max_images: int, device: torch.device) -> list[torch.Tensor]:
+def _take(
+    images: Any, max_images: int, device: torch.device, dtype: torch.dtype
+) -> list[torch.Tensor]:
     if max_images < 1:
         raise DynifyError(f"max_images must be >= 1, got {max_images}")
     source = images.split(128) if isinstance(images, torch.Tensor) else images
@@ -319,7 +321,7 @@ def _take(images: Any, max_images: int, device: torch.device) -> list[torch.Tens
                 + (f" of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else "")
             )
         x = x[: max_images - n]
-        batches.append(x.to(device))
+        batches.append(x.to(device, dtype=dtype if x.is_floating_point() else None))
         n += x.shape[0]
         if n >= max_images:
             break

@@ -309,6 +309,11 @@ def test_cli_inspect_an_artifact_with_data(
         (["inspect", str(artifact), "--data", str(splits), "--plot", str(tmp_path)],
          "is a folder"),
         (["inspect", str(artifact), "--recipe", "mobile"], "--recipe applies to a timm MODEL"),
+        (["inspect", str(artifact), "--budget", "1MMACs"], "--budget applies to a timm MODEL"),
+        (["inspect", str(artifact), "--data", str(splits), "--img-size", "0"],
+         "--img-size must be >= 1"),
+        (["inspect", str(artifact), "--data", str(splits), "--plot",
+          str(artifact / "x" / "r.png")], "is not a folder"),
     ):  # fmt: skip
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -328,3 +333,56 @@ def test_scratch_and_upcycle_artifacts_round_trip(tmp_path: Path) -> None:
         }
         with torch.no_grad():
             assert torch.equal(loaded(x), model(x))
+
+
+def test_report_casts_inputs_skips_unused_layers_and_restores_modes() -> None:
+    model = _Flat(_hand_layer()).to(torch.bfloat16)
+    images = torch.tensor(SAMPLES).view(-1, 2, 1, 1).expand(-1, -1, 3, 3).contiguous()
+    assert routing_report(model, images).images == len(SAMPLES)  # float32 images, bf16 model
+    unused = nn.ModuleDict({"used": _Flat(_hand_layer()), "spare": _hand_layer()})
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts = unused
+            self.frozen = nn.BatchNorm2d(2).eval()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.parts["used"](self.frozen(x))
+
+    net = Net().train()
+    net.frozen.eval()
+    report = routing_report(net, images)
+    assert [lr.name for lr in report.layers] == ["parts.used.layer"]
+    assert net.training and not net.frozen.training  # each module's own mode restored
+
+
+def test_old_plans_with_noise_read_as_perturb_and_noise_is_checked_per_layer() -> None:
+    from dynify.recipe import LayerSettings, Recipe
+
+    old = LayerSettings.from_dict({"experts": 4, "noise": 0.01, "attention": "softmax"})
+    assert old.init == "perturb"
+    ok = load_recipe_dict(
+        {"rules": [{"select": {}, "init": "perturb"}, {"select": {}, "noise": 0.05}]}
+    )
+    assert isinstance(ok, Recipe)
+    bad = load_recipe_dict(
+        {
+            "defaults": {"init": "perturb", "noise": 0.05},
+            "rules": [{"select": {}, "init": "upcycle"}],
+        }
+    )
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=4)
+    with pytest.raises(DynifyError, match=r"noise 0.05 applies to init: perturb only"):
+        dynify.make_plan(model, bad, input_size=(3, 32, 32))
+    plan = dynify.make_plan(model, ok, input_size=(3, 32, 32))
+    assert {lp.settings.init for lp in plan.converted} == {"perturb"}
+    again = plan.to_recipe().to_dict()
+    assert "null" not in str(again) and None not in [
+        v for rule in again["rules"] for v in rule.values()
+    ]
+
+
+def load_recipe_dict(data: dict):
+    return dynify.load_recipe(data)

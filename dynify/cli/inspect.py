@@ -58,7 +58,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--routing-images", type=int, default=512, metavar="N", help="images to use (512)"
     )
     routing.add_argument(
-        "--img-size", type=int, default=None, metavar="S", help="image size (default: the model's)"
+        "--img-size",
+        type=int,
+        default=None,
+        metavar="S",
+        help="image size (default: the size the artifact's plan was traced at)",
     )
     routing.add_argument(
         "--plot", default=None, metavar="PNG", help="write a PNG of attention use per layer"
@@ -191,6 +195,8 @@ def _inspect_artifact(args: argparse.Namespace, *, device, input_size) -> int:
         ("--checkpoint", args.checkpoint),
         ("--num-classes", args.num_classes),
         ("--input-size", args.input_size),
+        ("--budget", args.budget),
+        ("--latency", args.latency),
     ):
         if value:
             raise DynifyError(
@@ -200,6 +206,8 @@ def _inspect_artifact(args: argparse.Namespace, *, device, input_size) -> int:
         raise DynifyError("--plot draws the routing measured on --data: give --data too")
     if args.routing_images < 1:
         raise DynifyError(f"--routing-images must be >= 1, got {args.routing_images}")
+    if args.img_size is not None and args.img_size < 1:
+        raise DynifyError(f"--img-size must be >= 1, got {args.img_size}")
     plot = _writable(args.plot) if args.plot is not None else None
     model = dynify.load(args.model).eval()
     plan = dynify.plan_of(model)
@@ -216,9 +224,10 @@ def _inspect_artifact(args: argparse.Namespace, *, device, input_size) -> int:
             f"the artifact classifies {num_classes} classes, the data {data.num_classes} "
             f"({data.source})"
         )
+    if len(data.val) == 0:
+        raise DynifyError(f"data {data.source!r}: no validation images to measure on")
+    # The size the plan was traced at (the artifact's input size) unless --img-size.
     img_size = args.img_size if args.img_size is not None else plan.input_size[-1]
-    if args.img_size is None and input_size is not None:
-        img_size = input_size[-1]
     cfg = data_config(model, img_size=img_size)
     images = sample_images(data.val, args.routing_images)
     n = len(images)
@@ -247,9 +256,12 @@ def _writable(path: str):
     target = Path(path)
     if target.is_dir():
         raise DynifyError(f"--plot {path!r} is a folder; give a file name such as routing.png")
+    # The nearest folder that exists must be a writable folder (the rest is created).
     parent = target.parent if str(target.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
         raise DynifyError(f"--plot {path!r}: {str(parent)!r} is not a folder")
-    if parent.exists() and not os.access(parent, os.W_OK):
+    if not os.access(parent, os.W_OK):
         raise DynifyError(f"--plot {path!r}: the folder {str(parent)!r} is not writable")
     return target

@@ -272,8 +272,8 @@ class DynamicConv2d(nn.Module):
             noise = DEFAULT_NOISE if init == "perturb" else 0.0
         if noise < 0:
             raise ValueError(f"noise must be >= 0, got {noise}")
-        if not routing_std >= 0:
-            raise ValueError(f"routing_std must be >= 0, got {routing_std}")
+        if not (math.isfinite(routing_std) and routing_std >= 0):
+            raise ValueError(f"routing_std must be a finite number >= 0, got {routing_std}")
         source = conv.weight if weight is None else weight
         # Built on the meta device and then given real storage: the experts are written
         # below, so a default initialisation of K kernels would be wasted work.

@@ -203,8 +203,10 @@ def _advantage(cmp: dict, images: int) -> dict | None:
 
     Both were scored on the same ``images`` held-out images; the standard error of the
     difference of two accuracies is taken as if they were independent,
-    ``sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)``, which overstates it for paired scores (the
-    same images), so "exceeds" is a conservative verdict. It says nothing about a new seed.
+    ``sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)``. That overstates it for paired scores, but
+    the best plan is also the maximum over many trials on these same images, which biases
+    its score upwards: "exceeds" is a first filter, not proof of a gain (re-score the plan
+    on fresh images and seeds, as bench/upcycle.py does). It says nothing about a new seed.
     """
     a, b = cmp["static"]["top1"], cmp["best"]["top1"]
     if a is None or b is None or cmp["best"]["label"] == cmp["static"]["label"] or images < 1:
