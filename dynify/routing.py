@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.utils import unwrap_model
 from torch import nn
 
 from dynify.errors import DynifyError
@@ -176,7 +177,7 @@ class RoutingReport:
 def dynamic_layers(model: nn.Module) -> list[tuple[str, DynamicConv2d]]:
     """``(name, layer)`` for every dynamic layer of ``model`` (DDP / compile wrappers
     unwrapped), in module order."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicConv2d)]
 
 
@@ -203,7 +204,7 @@ def routing_report(
     Returns:
         A :class:`RoutingReport` (see the module documentation for every figure).
     """
-    net = _unwrap(model)
+    net = unwrap_model(model)
     layers = dynamic_layers(net)
     if not layers:
         raise DynifyError("the model has no dynamic layers (convert it with dynify.apply)")
@@ -293,16 +294,6 @@ def expert_spread(weight: torch.Tensor) -> float:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _take(

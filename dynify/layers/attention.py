@@ -97,8 +97,7 @@ class KernelAttention(nn.Module):
         if self.fc2.weight.is_meta:
             return
         with torch.no_grad():
-            w = torch.empty(self.fc2.weight.shape, device=_device_of(generator))
-            w.normal_(0.0, float(std), generator=generator)
+            w = _drawable(self.fc2.weight, generator).normal_(0.0, float(std), generator=generator)
             if self.kind == "sigmoid":
                 pairs = self.num_experts // 2
                 w[1 : 2 * pairs : 2] = -w[0 : 2 * pairs : 2]
@@ -121,21 +120,23 @@ class KernelAttention(nn.Module):
         return f"kind={self.kind}, temperature={float(self.temperature):g}"
 
 
-def _device_of(generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
+def _drawable(target: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Where ``generator`` can draw ``target``'s values: ``target`` itself, or (a generator
+    on another device, e.g. a CPU generator seeding a CUDA layer reproducibly) an empty
+    float32 tensor on the generator's device, to be copied into ``target`` afterwards."""
+    if generator is None or generator.device == target.device:
+        return target
+    return torch.empty(target.shape, device=generator.device)
 
 
 def _reset_linear(linear: nn.Linear, generator: torch.Generator | None) -> None:
-    """``nn.Linear.reset_parameters`` drawing from ``generator`` (drawn where the generator
-    lives, then copied, so a CPU generator seeds a CUDA layer reproducibly)."""
+    """``nn.Linear.reset_parameters`` drawing from ``generator``."""
     if linear.weight.is_meta:
         return
     with torch.no_grad():
-        w = torch.empty(linear.weight.shape, device=_device_of(generator))
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
-        linear.weight.copy_(w)
+        w = _drawable(linear.weight, generator)
+        linear.weight.copy_(nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator))
         if linear.bias is not None:
             bound = 1 / math.sqrt(linear.in_features) if linear.in_features > 0 else 0
-            b = torch.empty(linear.bias.shape, device=_device_of(generator))
-            b.uniform_(-bound, bound, generator=generator)
-            linear.bias.copy_(b)
+            b = _drawable(linear.bias, generator)
+            linear.bias.copy_(b.uniform_(-bound, bound, generator=generator))

@@ -20,6 +20,7 @@ from dynify.layers.attention import (
     ATTENTION_KINDS,
     AttentionKind,
     KernelAttention,
+    _drawable,
     _reset_linear,
 )
 
@@ -191,16 +192,15 @@ class DynamicConv2d(nn.Module):
         if self.weight.is_meta:  # built to be overwritten (from_conv)
             return
         with torch.no_grad():
-            # Drawn where the generator lives, then copied: a CPU generator seeds any device.
-            where = generator.device if generator is not None else self.weight.device
-            kernel = torch.empty(self.weight.shape[1:], device=where)
             for k in range(self.num_experts):
-                nn.init.kaiming_uniform_(kernel, a=math.sqrt(5), generator=generator)
-                self.weight[k].copy_(kernel)
+                kernel = _drawable(self.weight[k], generator)
+                self.weight[k].copy_(
+                    nn.init.kaiming_uniform_(kernel, a=math.sqrt(5), generator=generator)
+                )
             if self.bias is not None:
                 fan_in = self.weight[0].numel() // self.out_channels
                 bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-                bias = torch.empty(self.bias.shape, device=where)
+                bias = _drawable(self.bias, generator)
                 self.bias.copy_(bias.uniform_(-bound, bound, generator=generator))
         self.attention.reset_parameters(generator=generator)
 
@@ -395,8 +395,7 @@ def _init_experts(
         return
     std = float(kernel.float().std()) if kernel.numel() > 1 else float(kernel.float().abs())
     bound = math.sqrt(3.0)  # U(-sqrt 3, sqrt 3) has unit variance
-    same_device = generator is None or generator.device == experts.device
-    eps = experts if same_device else torch.empty(experts.shape, device=generator.device)
+    eps = _drawable(experts, generator)
     eps.uniform_(-bound, bound, generator=generator)
     eps = eps.to(experts.device)
     eps.sub_(eps.mean(dim=0, keepdim=True))
