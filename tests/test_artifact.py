@@ -195,7 +195,7 @@ def test_failing_save_leaves_nothing(converted: nn.Module, tmp_path: Path, monke
 
     monkeypatch.setattr(safetensors.torch, "save_model", half_then_fail)
     target = tmp_path / "model.safetensors"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(dynify.DynifyError, match=r"could not write .*model.safetensors.*disk full"):
         dynify.save(converted, target)
     assert list(tmp_path.iterdir()) == []
     # An existing artifact survives a failed overwrite untouched.
@@ -203,7 +203,7 @@ def test_failing_save_leaves_nothing(converted: nn.Module, tmp_path: Path, monke
     dynify.save(converted, target)
     before = target.read_bytes()
     monkeypatch.setattr(safetensors.torch, "save_model", half_then_fail)
-    with pytest.raises(OSError):
+    with pytest.raises(dynify.DynifyError, match="disk full"):
         dynify.save(converted, target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

@@ -1,0 +1,63 @@
+"""Output checks before any work, and one-line errors when a write fails."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dynify._io import atomic_write_text, ensure_writable
+from dynify.errors import DynifyError
+
+
+def test_new_file_in_new_folders_is_accepted_and_nothing_is_created(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "out.txt"
+    assert ensure_writable(target) == target
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "folder", "message"),
+    [
+        (lambda d: d, False, "is a folder; give a file name"),
+        (lambda d: _file(d / "f"), True, "is a file; give a folder"),
+        (lambda d: _file(d / "f") / "out.txt", False, "is a file, not a folder"),
+        (lambda d: _file(d / "f") / "x" / "y", True, "is a file, not a folder"),
+        (lambda d: Path("/dev/null"), False, "is not a regular file"),
+    ],
+)
+def test_paths_in_the_way_are_one_line(tmp_path: Path, make, folder: bool, message: str) -> None:
+    target = make(tmp_path)
+    with pytest.raises(DynifyError, match=message) as err:
+        ensure_writable(target, what="--output", folder=folder)
+    assert "--output" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(DynifyError, match="not writable"):
+            ensure_writable(ro / "sub" / "out.txt")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    def full(self, data, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(DynifyError, match=r"could not write .*out.txt.*No space left"):
+        atomic_write_text(tmp_path / "out.txt", "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _file(path: Path) -> Path:
+    path.write_text("x")
+    return path
