@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -257,21 +258,30 @@ def _expected(trial, ctx) -> list[tuple]:
 
 
 def test_best_yaml_reproduces_the_best_plan(run: SimpleNamespace, files, tmp_path: Path) -> None:
+    """best.yaml's header and the printed summary give the command that rebuilds the searched
+    model: the plan, and the data's 4 classes (not timm's default 1000) at the input size."""
     summary = json.loads((run.output / "summary.json").read_text())
     best = run.study.trials[summary["best"]["trial"]]
     text = (run.output / "best.yaml").read_text()
-    assert "reproduce: dynify convert test_resnet --recipe THIS_FILE --input-size 3,32,32" in text
     load_recipe(run.output / "best.yaml")  # a valid recipe
+    assert (summary["model"], summary["num_classes"], summary["input_size"]) == (
+        "test_resnet", 4, [3, 32, 32],
+    )  # fmt: skip
+    (header,) = [line for line in text.splitlines() if line.startswith("# rebuild: ")]
+    command = header.removeprefix("# rebuild: ")
+    assert f"\nrebuild it: {command}\n" in run.out and summary["best"]["rebuild"] == command
+    words = shlex.split(command)
+    assert words[:3] == ["dynify", "convert", "test_resnet"]
+    assert words[words.index("--recipe") + 1] == str((run.output / "best.yaml").absolute())
 
     ctx = prepare(settings_for(files, run.output))
     art = tmp_path / "best.safetensors"
-    size = ["--input-size", "3,32,32"]
-    best_yaml = str(run.output / "best.yaml")
-    code, _, err = run_main(
-        ["convert", "test_resnet", "--recipe", best_yaml, "--output", str(art), *size]
-    )
+    code, _, err = run_main([*words[1:], "--output", str(art)])
     assert code == 0, err
+    model = dynify.load(art)
+    assert model.get_classifier().out_features == len(ctx.data.classes) == 4
     assert _converted(art) == _expected(best, ctx)
+    size = ["--input-size", "3,32,32"]
 
     # The same file format for a dynamic plan (the best may well be the static model): the
     # recipe of the feasible trial that converts the most layers.
@@ -280,7 +290,7 @@ def test_best_yaml_reproduces_the_best_plan(run: SimpleNamespace, files, tmp_pat
     )
     assert dynamic.user_attrs["converted"] > 0
     recipe = tmp_path / "dynamic.yaml"
-    recipe.write_text(_recipe_text(dynamic, ctx, "plan"))
+    recipe.write_text(_recipe_text(dynamic, ctx, "plan", recipe))
     art2 = tmp_path / "dynamic.safetensors"
     code, _, err = run_main(
         ["convert", "test_resnet", "--recipe", str(recipe), "--output", str(art2), *size]
@@ -455,12 +465,27 @@ def test_a_budget_below_the_static_model_is_refused_before_training(files, tmp_p
         (["resnet_nope"], ["unknown model 'resnet_nope'"]),
         (["--space", "defualt"], ["did you mean 'default'?"]),
         (["--objectives", "params"], ["--objectives 'params'", "accuracy,params"]),
-        (["--trials", "0"], ["--trials must be >= 1"]),
+        (["--trials", "0"], ["--trials 0: expected an integer >= 1 (finished trials to reach)"]),
+        (["--trials", "1e3"], ["--trials '1e3': expected an integer >= 1"]),
+        (["--workers", "-1"], ["--workers -1: expected an integer >= 1 (worker processes)"]),
+        (["--workers", "two"], ["--workers 'two': expected an integer >= 1"]),
+        (["--timeout", "nan"], ["--timeout nan: expected a number > 0 (seconds)"]),
+        (["--timeout", "-5"], ["--timeout -5.0: expected a number > 0 (seconds)"]),
+        (["--max-params", "-5"], ["--max-params '-5': expected a number > 0", "e.g. 30M"]),
+        (["--seed", "-1"], ["--seed -1: expected an integer from 0 to 4294967295"]),
+        (["--heartbeat", "0"], ["--heartbeat 0: expected an integer >= 1 (seconds)"]),
+        (["--epochs", "0"], ["--epochs 0: expected an integer >= 1 (epochs per trial)"]),
+        (["--train-images", "many"], ["--train-images 'many': expected an integer >= 1"]),
+        (["--val-images", "-3"], ["--val-images -3: expected an integer >= 1 (held-out"]),
         (["--device", "tpu"], ["--device must be cpu or cuda"]),
         (["--max-latency", "5MFLOPs"], ["--max-latency '5MFLOPs': give a time"]),
         (
-            ["--space", "default", "--budget", "600MFLOPs"],
-            ["has 108 training images; the space 'default' asks for 5,000 held out"],
+            ["--space", "default", "--budget", "600MFLOPs", "--val-images", "108"],
+            ["has 108 training images; --val-images 108 leaves none to train on", "below 108"],
+        ),
+        (
+            ["--val-images", "50", "--train-images", "100"],
+            ["108 training images; --val-images 50 and --train-images 100 need 150"],
         ),
         (["--storage", "mysql://u:secret@localhost/db"], ["'mysql://u:***@localhost/db'"]),
     ],
@@ -474,6 +499,7 @@ def test_bad_arguments_are_exit_2_in_one_line(files, tmp_path, change, words) ->
     assert len(lines) == 1 and lines[0].startswith("dynify search: error: "), err
     for word in words:
         assert word in lines[0]
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def _with(args: list[str], change: list[str]) -> list[str]:

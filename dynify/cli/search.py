@@ -27,10 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--space", default=None, help="search space YAML or bundled name (default)")
     p.add_argument("--data", default=None, help="training data (default: the space's)")
-    p.add_argument("--trials", type=int, default=20, help="finished trials to reach (total)")
+    p.add_argument("--trials", default="20", help="finished trials to reach (total)")
     p.add_argument(
         "--timeout",
-        type=float,
         default=None,
         metavar="SECONDS",
         help="start no trial after this many seconds (of this command)",
@@ -46,15 +45,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--study", default=None, metavar="NAME", help="study name (to share one)")
     p.add_argument(
         "--workers",
-        type=int,
-        default=1,
+        default="1",
         metavar="N",
         help="worker processes on this machine (one GPU each where there are several)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument(
         "--max-params",
-        type=param_count,
         default=None,
         metavar="P",
         help="parameter limit, e.g. 30M",
@@ -68,16 +65,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pretrained", action="store_true", help="start from timm's weights")
     src.add_argument("--checkpoint", metavar="FILE", help="start from these weights")
-    p.add_argument("--seed", type=int, default=0, help="random init and sampler seed")
+    p.add_argument("--seed", default="0", help="random init and sampler seed")
     p.add_argument(
         "--heartbeat",
-        type=int,
-        default=60,
+        default="60",
         metavar="SECONDS",
         help="trial heartbeat (SQL storages): a trial whose process died is failed after 2x "
         "this and retried, twice at most",
     )
     p.add_argument("--data-cache", default=None, metavar="DIR", help="download folder")
+    training = p.add_argument_group(
+        "training per trial", "override the space's training section (validated as it is)"
+    )
+    training.add_argument("--epochs", default=None, metavar="N", help="epochs per trial")
+    training.add_argument(
+        "--train-images", default=None, metavar="N", help="images per epoch (a fixed subset)"
+    )
+    training.add_argument(
+        "--val-images", default=None, metavar="N", help="images held out to score each trial"
+    )
     p.set_defaults(run=run)
 
 
@@ -90,31 +96,65 @@ def param_count(text: str) -> float:
     return budget.value
 
 
+def _number(name: str, text: str | None) -> float | int | None:
+    """An option's text as the number the search setting ``name`` takes; one line naming
+    the flag and the accepted values if it is not one (argparse would print its usage)."""
+    from dynify.errors import DynifyError
+    from dynify.search.study import NUMERIC_SETTINGS, accepted
+
+    if text is None:
+        return None
+    flag, integer, _, _ = NUMERIC_SETTINGS[name]
+    try:
+        if name == "max_params":
+            return param_count(text)
+        return int(text) if integer else float(text)
+    except (ValueError, DynifyError):
+        example = ", e.g. 30M" if name == "max_params" else ""
+        raise DynifyError(f"{flag} {text!r}: expected {accepted(name)}{example}") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from dynify.search.run import search
     from dynify.search.study import SearchSettings
 
+    numbers = {
+        name: _number(name, getattr(args, name))
+        for name in (
+            "trials",
+            "timeout",
+            "workers",
+            "max_params",
+            "seed",
+            "heartbeat",
+            "epochs",
+            "train_images",
+            "val_images",
+        )
+    }
     settings = SearchSettings(
         budget=args.budget,
         model=args.model,
         space=args.space,
         data=args.data,
-        trials=args.trials,
-        timeout=args.timeout,
         output=args.output,
         storage=args.storage,
         study=args.study,
-        workers=args.workers,
         device=args.device,
-        max_params=args.max_params,
         max_latency=args.max_latency,
         objectives=tuple(args.objectives.split(",")),
         pretrained=args.pretrained,
         checkpoint=args.checkpoint,
-        seed=args.seed,
-        heartbeat=args.heartbeat,
         data_cache=args.data_cache,
+        **numbers,  # type: ignore[arg-type]
     )
-    outcome = search(settings)
+    try:
+        outcome = search(settings)
+    except KeyboardInterrupt as interrupt:
+        reason = f": {interrupt}" if str(interrupt) else ""
+        print(f"dynify search: interrupted{reason}", file=sys.stderr, flush=True)
+        return 130
     print(outcome.summary)
     return 0

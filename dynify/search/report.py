@@ -9,9 +9,11 @@ Every file is written under a temporary name and renamed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,15 @@ from dynify.convert import apply
 from dynify.cost import format_count
 from dynify.search.study import STATIC, SearchContext, plan_of_trial
 
-__all__ = ["best_trials", "trial_rows", "write_report"]
+__all__ = [
+    "best_trials",
+    "count_label",
+    "history_figure",
+    "pareto_figure",
+    "rebuild_command",
+    "trial_rows",
+    "write_report",
+]
 
 
 def _feasible(trial: FrozenTrial) -> bool:
@@ -62,6 +72,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "latency_ms": t.user_attrs.get("latency_ms", ""),
             "converted_layers": t.user_attrs.get("converted", ""),
             "same_as": t.user_attrs.get("same_as", ""),
+            "interrupted": t.user_attrs.get("interrupted", ""),
+            "retry_of": t.user_attrs.get("retry_of", ""),
             "routing_effect": t.user_attrs.get("routing_effect", ""),
             "attention_entropy": t.user_attrs.get("attention_entropy", ""),
             "seconds": t.duration.total_seconds() if t.duration else "",
@@ -85,38 +97,90 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _plots(study: optuna.Study, ctx: SearchContext, folder: Path) -> list[Path]:
-    import matplotlib
+def count_label(value: float, _position: Any = None) -> str:
+    """An axis tick for a count: ``1.2e8`` -> ``120M``, ``1.2e9`` -> ``1.2G`` (three
+    significant digits, decimal prefixes, as FLOPs and parameters are quoted)."""
+    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= div:
+            return f"{value / div:.3g}{prefix}"
+    return f"{value:.3g}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _legend_outside(ax: Any) -> None:
+    # Beside the axes (savefig's tight bounding box keeps it): it never hides a point.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+
+
+def _annotate_best(ax: Any, x: float, y: float, text: str) -> None:
+    ax.annotate(
+        text,
+        (x, y),
+        xytext=(8, -14),
+        textcoords="offset points",
+        fontsize=8,
+        arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.8},
+    )
+
+
+def history_figure(study: optuna.Study, ctx: SearchContext) -> Any:
+    """Held-out top-1 per trial, the best so far, the best trial labelled."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    written = []
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    best, xs, ys = -math.inf, [], []
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    best: FrozenTrial | None = None
+    xs: list[int] = []
+    ys: list[float] = []
+    points: dict[str, tuple[list[float], list[float]]] = {
+        "feasible": ([], []),
+        "pruned (last epoch)": ([], []),
+        "over budget": ([], []),
+    }
     for t in sorted(done, key=lambda t: t.number):
         if t.state == TrialState.COMPLETE and _feasible(t):
-            ax.scatter(t.number, t.values[0], c="tab:blue", s=18)
-            best = max(best, t.values[0])
+            kind, value = "feasible", t.values[0]
+            if best is None or value > best.values[0]:
+                best = t
         elif t.state == TrialState.PRUNED:
-            last = max(t.intermediate_values.items(), default=(0, 0.0))[1]
-            ax.scatter(t.number, last, c="lightgray", marker="v", s=18)
+            kind = "pruned (last epoch)"
+            value = max(t.intermediate_values.items(), default=(0, 0.0))[1]
         else:
-            ax.scatter(t.number, 0.0, c="tab:red", marker="x", s=18)
-        if best > -math.inf:
+            kind, value = "over budget", 0.0
+        points[kind][0].append(t.number)
+        points[kind][1].append(value)
+        if best is not None:
             xs.append(t.number)
-            ys.append(best)
-    ax.step(xs, ys, where="post", c="tab:green", label="best so far")
+            ys.append(best.values[0])
+    styles = {
+        "feasible": {"c": "tab:blue", "marker": "o"},
+        "pruned (last epoch)": {"c": "0.6", "marker": "v"},
+        "over budget": {"c": "tab:red", "marker": "x"},
+    }
+    for kind, (px, py) in points.items():
+        if px:
+            ax.scatter(px, py, s=18, label=kind, zorder=3, **styles[kind])
+    if xs:
+        ax.step(xs, ys, where="post", c="tab:green", label="best so far", zorder=2)
+    if best is not None and len(study.directions) == 1:
+        _annotate_best(
+            ax, best.number, best.values[0], f"best: {_label(best)}, {best.values[0]:.2f}%"
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
     ax.set_xlabel("trial")
     ax.set_ylabel("held-out top-1 (%)")
-    ax.set_title(
-        f"{ctx.model_name}, budget {ctx.budget}: blue feasible, x over budget, v pruned", fontsize=9
-    )
-    ax.legend(loc="lower right")
-    written.append(_save(fig, folder / "history.png"))
-    plt.close(fig)
+    ax.set_title(f"{ctx.model_name}, budget {ctx.budget}", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        _legend_outside(ax)
+    return fig
+
+
+def pareto_figure(study: optuna.Study, ctx: SearchContext) -> Any:
+    """Top-1 against FLOPs (or the second objective) for the feasible trials: presets and
+    the best plan labelled, the budget line."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     second = ctx.settings.objectives[1] if len(ctx.settings.objectives) > 1 else None
     key, label = {
@@ -124,30 +188,52 @@ def _plots(study: optuna.Study, ctx: SearchContext, folder: Path) -> list[Path]:
         "latency": ("latency_ms", "latency (ms, batch 1)"),
         "params": ("params", "parameters"),
     }[second]
-    front = {t.number for t in best_trials(study)}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for t in done:
-        if t.state != TrialState.COMPLETE or not _feasible(t) or key not in t.user_attrs:
+    winners = best_trials(study)
+    front = {t.number for t in winners}
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    shown = [
+        t
+        for t in study.trials
+        if t.state == TrialState.COMPLETE and _feasible(t) and key in t.user_attrs
+    ]
+    for on_front in (False, True):
+        group = [t for t in shown if (t.number in front) == on_front]
+        if not group:
             continue
-        on_front = t.number in front
         ax.scatter(
-            t.user_attrs[key],
-            t.values[0],
+            [t.user_attrs[key] for t in group],
+            [t.values[0] for t in group],
             c="tab:orange" if on_front else "tab:blue",
             s=30 if on_front else 15,
             zorder=3 if on_front else 2,
+            label=("Pareto front" if second else "best") if on_front else "feasible",
         )
+    for t in shown:
         if t.user_attrs.get("preset"):
             ax.annotate(t.user_attrs["preset"], (t.user_attrs[key], t.values[0]), fontsize=7)
+    if second is None and winners and key in winners[0].user_attrs:
+        best = winners[0]
+        _annotate_best(
+            ax, best.user_attrs[key], best.values[0], f"best: {_label(best)}, {best.values[0]:.2f}%"
+        )
     if second is None and ctx.budget.kind == "flops":
         ax.axvline(ctx.budget.value, c="tab:red", ls="--", label=f"budget {ctx.budget}")
-        ax.legend(loc="lower right")
+    if key in ("flops", "params"):
+        ax.xaxis.set_major_formatter(FuncFormatter(count_label))  # 120M, not a 1e8 offset
     ax.set_xlabel(label)
     ax.set_ylabel("held-out top-1 (%)")
-    ax.set_title("feasible trials (orange: best / Pareto front)", fontsize=9)
-    written.append(_save(fig, folder / "pareto.png"))
-    plt.close(fig)
-    return written
+    ax.set_title("feasible trials", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        _legend_outside(ax)
+    return fig
+
+
+def _plots(study: optuna.Study, ctx: SearchContext, folder: Path) -> list[Path]:
+    return [
+        _save(history_figure(study, ctx), folder / "history.png"),
+        _save(pareto_figure(study, ctx), folder / "pareto.png"),
+    ]
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -156,17 +242,34 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _recipe_text(trial: FrozenTrial, ctx: SearchContext, title: str) -> str:
+def rebuild_command(ctx: SearchContext, recipe: str | Path) -> str:
+    """The ``dynify convert`` command that rebuilds the searched model from ``recipe``: the
+    search's model, number of classes (the data's) and input size, and its starting weights
+    when they were not a random init."""
+    size = ",".join(map(str, ctx.space.input_size))
+    words = [
+        "dynify", "convert", ctx.model_name, "--recipe", str(Path(recipe).absolute()),
+        "--num-classes", str(ctx.data.num_classes), "--input-size", size,
+    ]  # fmt: skip
+    if ctx.settings.pretrained:
+        words.append("--pretrained")
+    elif ctx.settings.checkpoint:
+        words += ["--checkpoint", ctx.settings.checkpoint]
+    return shlex.join(words)
+
+
+def _recipe_text(trial: FrozenTrial, ctx: SearchContext, title: str, path: Path) -> str:
     plan = plan_of_trial(trial, ctx)
     totals = cost.price(plan)
     size = ",".join(map(str, ctx.space.input_size))
     header = (
         f"{title}: found by 'dynify search' ({_label(trial)})\n"
-        f"model {ctx.model_name} at {size}, budget {ctx.budget}, space {ctx.space.label}\n"
+        f"model {ctx.model_name} at {size}, {ctx.data.num_classes} classes, budget "
+        f"{ctx.budget}, space {ctx.space.label}\n"
         f"held-out top-1 {trial.values[0]:.2f}% after {ctx.space.training.epochs} epochs; "
         f"{format_count(totals.macs)}MACs = {format_count(totals.flops)}FLOPs per image, "
         f"{totals.params:,} params\n"
-        f"reproduce: dynify convert {ctx.model_name} --recipe THIS_FILE --input-size {size}"
+        f"rebuild: {rebuild_command(ctx, path)}"
     )
     return plan.to_recipe(description=f"{title} for {ctx.model_name}").to_yaml(header=header)
 
@@ -255,7 +358,15 @@ def write_report(study: optuna.Study, ctx: SearchContext) -> str:
     ]
     counts = {s.name: sum(t.state == s for t in study.trials) for s in TrialState}
     lines.append("trials: " + ", ".join(f"{n} {k.lower()}" for k, n in counts.items() if n))
-    summary: dict[str, Any] = {"study": study.study_name, "trials": counts}
+    summary: dict[str, Any] = {
+        "study": study.study_name,
+        "trials": counts,
+        "model": ctx.model_name,
+        "num_classes": ctx.data.num_classes,
+        "input_size": list(ctx.space.input_size),
+        "training": dataclasses.asdict(ctx.space.training),  # as used (fit to the data)
+        "notes": list(ctx.notes),
+    }
     if not winners:
         lines.append("no feasible trial finished: nothing to recommend yet")
         atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2))
@@ -271,7 +382,9 @@ def write_report(study: optuna.Study, ctx: SearchContext) -> str:
     )
     if len(study.directions) == 1:
         best = winners[0]
-        atomic_write_text(folder / "best.yaml", _recipe_text(best, ctx, "best plan"))
+        atomic_write_text(
+            folder / "best.yaml", _recipe_text(best, ctx, "best plan", folder / "best.yaml")
+        )
         cmp = _compare(ctx, best, static)
         summary["best"] = {"trial": best.number, **cmp}
         table = []
@@ -298,14 +411,14 @@ def write_report(study: optuna.Study, ctx: SearchContext) -> str:
             summary["best"]["advantage"] = verdict
             lines.append(verdict["text"])
         lines.append(f"best plan: {folder / 'best.yaml'}")
+        summary["best"]["rebuild"] = rebuild_command(ctx, folder / "best.yaml")
+        lines.append(f"rebuild it: {summary['best']['rebuild']}")
     else:
         front_dir = folder / "front"
         table = []
         for t in sorted(winners, key=lambda t: t.values[1]):
-            atomic_write_text(
-                front_dir / f"trial_{t.number:04d}.yaml",
-                _recipe_text(t, ctx, "Pareto-optimal plan"),
-            )
+            path = front_dir / f"trial_{t.number:04d}.yaml"
+            atomic_write_text(path, _recipe_text(t, ctx, "Pareto-optimal plan", path))
             table.append(
                 [
                     _label(t),
@@ -317,6 +430,7 @@ def write_report(study: optuna.Study, ctx: SearchContext) -> str:
         summary["front"] = [{"trial": t.number, "values": t.values} for t in winners]
         lines.append(format_table(["trial", "top-1", ctx.settings.objectives[1], "FLOPs"], table))
         lines.append(f"Pareto front: {len(winners)} plans in {front_dir}/")
+        lines.append(f"rebuild one: {rebuild_command(ctx, front_dir / 'trial_NNNN.yaml')}")
     lines.append(f"trials: {folder / 'trials.csv'}; plots: {', '.join(str(p) for p in plots)}")
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, default=str))
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,11 +25,15 @@ from dynify.cost import format_count
 from dynify.errors import DynifyError
 from dynify.search.study import (
     SearchContext,
+    SearchInterrupted,
     SearchSettings,
+    estimate,
     finished,
     open_study,
     prepare,
+    redact_url,
     run_worker,
+    training_speed,
 )
 
 __all__ = ["SearchOutcome", "search"]
@@ -107,10 +112,13 @@ def _worker_main(settings: SearchSettings, index: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
     try:
         ctx = prepare(settings)
-        run_worker(ctx, on_trial=_Progress(ctx, prefix=f"[worker {index}] "))
+        ctx.prefix = f"[worker {index}] "
+        run_worker(ctx, on_trial=_Progress(ctx, prefix=ctx.prefix))
     except DynifyError as err:
         print(f"[worker {index}] error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)  # the interrupted trial is marked; the parent says it in one line
 
 
 def search(settings: SearchSettings) -> SearchOutcome:
@@ -127,6 +135,11 @@ def search(settings: SearchSettings) -> SearchOutcome:
             f"device {ctx.device}, storage {_where(settings)}",
             flush=True,
         )
+        for note in ctx.notes:
+            print(f"note: {note}", flush=True)
+        remaining = settings.trials - len(finished(study))
+        if remaining > 0:
+            print(estimate(ctx, remaining, training_speed(ctx)), flush=True)
     if settings.workers == 1:
         run_worker(ctx, study=study, on_trial=_Progress(ctx))
     else:
@@ -156,9 +169,20 @@ def _run_processes(settings: SearchSettings) -> None:
             if p.exitcode != 0:
                 failed.append(f"worker {i} exited with {p.exitcode}")
     except KeyboardInterrupt:
+        # The workers got Ctrl-C too (one process group) and are marking their trials
+        # interrupted; a worker sent only SIGINT to this process is told. SIGTERM is the last
+        # resort: a trial killed by it is retried through its heartbeat instead.
+        time.sleep(2.0)
         for p in procs:
-            p.terminate()
-        raise
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGINT)
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+        raise SearchInterrupted(
+            "the workers' running trials are retried when the same command is rerun"
+        ) from None
     if failed and len(failed) == len(procs):
         raise DynifyError("every worker failed: " + "; ".join(failed))
     for line in failed:
@@ -166,8 +190,6 @@ def _run_processes(settings: SearchSettings) -> None:
 
 
 def _where(settings: SearchSettings) -> str:
-    from dynify.search.study import _redact
-
-    return (
-        _redact(settings.storage) if settings.storage else os.path.join(settings.output, "study.db")
-    )
+    if settings.storage:
+        return redact_url(settings.storage)
+    return os.path.join(settings.output, "study.db")

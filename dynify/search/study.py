@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -24,7 +25,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,25 +36,33 @@ from torch import nn
 
 from dynify import cost
 from dynify._budget import Budget, parse_budget
+from dynify._io import ensure_writable
 from dynify._resources import bundled_names
 from dynify.convert import apply
 from dynify.errors import DynifyError
 from dynify.plan import Plan, resolve_plan
 from dynify.recipe import LayerSettings, Recipe, Rule, Selector, load_recipe
 from dynify.schedule import TemperatureSchedule
-from dynify.search.space import SearchSpace, group_layers, load_space
+from dynify.search.space import SearchSpace, TrainingBudget, group_layers, load_space
 from dynify.trace import ModelTrace, trace_model
 
 __all__ = [
+    "NUMERIC_SETTINGS",
     "OBJECTIVES",
     "SearchContext",
+    "SearchInterrupted",
     "SearchSettings",
+    "check_number",
+    "estimate",
     "has_heartbeat",
     "make_storage",
     "open_study",
     "plan_key",
     "prepare",
+    "redact_url",
+    "requeue_interrupted",
     "run_worker",
+    "training_speed",
 ]
 
 OBJECTIVES: tuple[str, ...] = ("accuracy", "latency", "params")
@@ -90,6 +99,51 @@ class SearchSettings:
     heartbeat: int = 60
     data_cache: str | None = None
     progress: bool = True
+    # The per-trial training budget, overriding the space's ``training`` section when given.
+    epochs: int | None = None
+    train_images: int | None = None
+    val_images: int | None = None
+
+
+# The numeric settings and the values each accepts: (flag, integer?, minimum, what it is).
+# The CLI parses with these too, so a bad value is the same one line from either.
+NUMERIC_SETTINGS: dict[str, tuple[str, bool, float, str]] = {
+    "trials": ("--trials", True, 1, "finished trials to reach"),
+    "timeout": ("--timeout", False, 0, "seconds"),
+    "workers": ("--workers", True, 1, "worker processes"),
+    "max_params": ("--max-params", False, 0, "parameters"),
+    "seed": ("--seed", True, 0, "a seed"),
+    "heartbeat": ("--heartbeat", True, 1, "seconds"),
+    "epochs": ("--epochs", True, 1, "epochs per trial"),
+    "train_images": ("--train-images", True, 1, "images per epoch"),
+    "val_images": ("--val-images", True, 1, "held-out images"),
+}
+# Seeds feed numpy and torch generators, which take 32-bit unsigned values.
+_SEED_LIMIT = 2**32 - 1
+
+
+def accepted(name: str) -> str:
+    """The accepted values of the numeric setting ``name``, as an error message says them."""
+    _, integer, minimum, what = NUMERIC_SETTINGS[name]
+    kind = "an integer" if integer else "a number"
+    bound = f">= {minimum:g}" if integer else f"> {minimum:g}"
+    if name == "seed":
+        bound = f"from 0 to {_SEED_LIMIT}"
+    return f"{kind} {bound} ({what})"
+
+
+def check_number(name: str, value: Any) -> None:
+    """Refuse a numeric setting outside its range, naming its flag and what is accepted."""
+    flag, integer, minimum, _ = NUMERIC_SETTINGS[name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and integer:
+        ok = isinstance(value, int) or float(value).is_integer()
+    if ok:
+        ok = math.isfinite(value) and (value >= minimum if integer else value > minimum)
+    if ok and name == "seed":
+        ok = value <= _SEED_LIMIT
+    if not ok:
+        raise DynifyError(f"{flag} {value!r}: expected {accepted(name)}")
 
 
 @dataclass
@@ -112,6 +166,10 @@ class SearchContext:
     static_latency: float | None = None
     fingerprint: str = ""
     presets: list[str] = field(default_factory=list)
+    # What the search chose for the user (e.g. a held-out split scaled to small data).
+    notes: list[str] = field(default_factory=list)
+    # Put before this process's progress lines ("[worker 1] ").
+    prefix: str = ""
 
     @property
     def output(self) -> Path:
@@ -153,23 +211,77 @@ def _weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _split_data(full: Any, spec: str, space: SearchSpace) -> Any:
+# The fraction held out when the space's split does not fit the data: finetune's --holdout.
+SCALED_HOLDOUT = 0.1
+
+
+def _fit_budget(
+    settings: SearchSettings, space: SearchSpace, n: int, spec: str
+) -> tuple[TrainingBudget, str | None]:
+    """The training budget per trial for ``n`` training images: the space's, with the
+    command's ``epochs`` / ``train_images`` / ``val_images`` in place of its own, and (when
+    the data is smaller than the space's counts) the counts the command did not give scaled
+    to the data, with a note saying so. Refuses only what cannot work: explicit counts the
+    data cannot hold, or fewer than two images."""
+    overrides = {
+        key: getattr(settings, key)
+        for key in ("epochs", "train_images", "val_images")
+        if getattr(settings, key) is not None
+    }
+    budget = dataclasses.replace(space.training, **overrides)
+    val, train = budget.val_images, budget.train_images
+    if val < n and val + (train or 0) <= n:
+        return budget, None
+    if n < 2:
+        raise DynifyError(
+            f"data {spec!r} has {n} training image(s); a search needs at least 2 (one to train "
+            "on, one held out): give more data"
+        )
+    given_val, given_train = "val_images" in overrides, "train_images" in overrides
+    if given_val and given_train:
+        raise DynifyError(
+            f"data {spec!r} has {n:,} training images; --val-images {val:,} and "
+            f"--train-images {train:,} need {val + (train or 0):,}: give counts that add up to "
+            f"at most {n:,}"
+        )
+    if given_val and val >= n:
+        raise DynifyError(
+            f"data {spec!r} has {n:,} training images; --val-images {val:,} leaves none to "
+            f"train on: give --val-images below {n:,}"
+        )
+    if given_val:
+        new_val = val
+    elif train is None or given_train:
+        new_val = max(1, round(n * SCALED_HOLDOUT))
+    else:
+        new_val = max(1, round(n * val / (val + train)))  # keep the space's proportion
+    new_val = min(new_val, n - 1)
+    if given_train and train is not None and train > n - new_val:
+        raise DynifyError(
+            f"data {spec!r} has {n:,} training images; --train-images {train:,} and the "
+            f"{new_val:,} held out need {train + new_val:,}: give --train-images at most "
+            f"{n - new_val:,} (or --val-images)"
+        )
+    new_train = train if given_train else (None if train is None else n - new_val)
+    asked = f"{val:,} held out" + (f" + {train:,} to train on" if train else "")
+    used = f"{new_val:,} held out and {new_train or n - new_val:,} to train on"
+    note = (
+        f"data {spec!r} has {n:,} training images, fewer than the space {space.label!r} asks "
+        f"for ({asked}); using {used} (--val-images and --train-images choose)"
+    )
+    return dataclasses.replace(budget, val_images=new_val, train_images=new_train), note
+
+
+def _split_data(full: Any, space: SearchSpace) -> Any:
     """Training images and a held-out set, both taken from the training split of ``full``
-    (the test split is never used by the search), fixed by the space's seed."""
+    (the test split is never used by the search), fixed by the space's seed; the space's
+    budget fits the data (:func:`_fit_budget`)."""
     from torch.utils.data import Subset
 
     from dynify.train import Data
 
     budget = space.training
     n = len(full.train)
-    need = budget.val_images + (budget.train_images or 0)
-    if need > n or budget.val_images >= n:
-        train = f"{budget.train_images:,}" if budget.train_images else "some"
-        raise DynifyError(
-            f"data {spec!r} has {n:,} training images; the space {space.label!r} asks for "
-            f"{budget.val_images:,} held out and {train} to train on (its training.val_images "
-            "and training.train_images)"
-        )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(budget.seed)).tolist()
     val = order[: budget.val_images]
     rest = order[budget.val_images :]
@@ -188,21 +300,16 @@ def prepare(settings: SearchSettings) -> SearchContext:
     before any training."""
     from dynify.models import create_model
 
+    for name in NUMERIC_SETTINGS:
+        if getattr(settings, name) is not None:
+            check_number(name, getattr(settings, name))
+    # Before any model is built or any data read: a file in the way is one line now.
+    ensure_writable(settings.output, what="--output", folder=True)
     space = load_space(settings.space)
     budget = parse_budget(settings.budget)
     max_latency = parse_budget(settings.max_latency).value if settings.max_latency else None
     if settings.max_latency and parse_budget(settings.max_latency).kind != "latency":
         raise DynifyError(f"--max-latency {settings.max_latency!r}: give a time such as 3ms")
-    if settings.max_params is not None and settings.max_params <= 0:
-        raise DynifyError(f"--max-params must be > 0, got {settings.max_params}")
-    if settings.trials < 1:
-        raise DynifyError(f"--trials must be >= 1, got {settings.trials}")
-    if settings.workers < 1:
-        raise DynifyError(f"--workers must be >= 1, got {settings.workers}")
-    if settings.timeout is not None and not settings.timeout > 0:
-        raise DynifyError(f"--timeout must be > 0 seconds, got {settings.timeout}")
-    if settings.heartbeat < 1:
-        raise DynifyError(f"--heartbeat must be >= 1 second, got {settings.heartbeat}")
     # " Accuracy, params" and "accuracy,params" are the same search (and the same study).
     settings = dataclasses.replace(settings, objectives=_objectives(settings.objectives))
     device = _device(settings.device)
@@ -214,6 +321,8 @@ def prepare(settings: SearchSettings) -> SearchContext:
     from dynify.train import load_data
 
     full = load_data(data_spec, cache_dir=settings.data_cache)  # indexes it; reads no image
+    training, note = _fit_budget(settings, space, len(full.train), data_spec)
+    space = dataclasses.replace(space, training=training)
     torch.manual_seed(settings.seed)  # the random init every trial starts from
     base = create_model(
         model_name,
@@ -246,8 +355,10 @@ def prepare(settings: SearchSettings) -> SearchContext:
         static_cost=static_cost,
         fingerprint=_weights_fingerprint(base),
     )
+    if note is not None:
+        ctx.notes.append(note)
     _refuse_impossible(ctx)
-    ctx.data = _split_data(full, data_spec, space)
+    ctx.data = _split_data(full, space)
     ctx.presets = [STATIC] + [
         name
         for name in PRESET_RECIPES
@@ -296,6 +407,52 @@ def _refuse_impossible(ctx: SearchContext) -> None:
 
 def _amount(kind: str, totals: cost.Totals) -> float:
     return float({"flops": totals.flops, "macs": totals.macs, "params": totals.params}[kind])
+
+
+def training_speed(ctx: SearchContext, *, steps: int = 2) -> float:
+    """Images per second that the static model trains at on the search's device and batch
+    (a few timed SGD steps on random images after one untimed step): the basis of the
+    estimate printed before a search; dynamic plans train slower than this."""
+    budget = ctx.space.training
+    model = copy.deepcopy(ctx.base).to(ctx.device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    images = torch.randn(budget.batch_size, *ctx.space.input_size, device=ctx.device)
+    labels = torch.randint(0, ctx.data.num_classes, (budget.batch_size,), device=ctx.device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    step()  # allocations, cuDNN's choice of kernels
+    if ctx.device.startswith("cuda"):
+        torch.cuda.synchronize(ctx.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if ctx.device.startswith("cuda"):
+        torch.cuda.synchronize(ctx.device)
+    return steps * budget.batch_size / max(time.perf_counter() - start, 1e-9)
+
+
+def estimate(ctx: SearchContext, remaining: int, images_per_s: float) -> str:
+    """What ``remaining`` trials may take at ``images_per_s``, said as the estimate it is."""
+    budget = ctx.space.training
+    train, val = len(ctx.data.train), len(ctx.data.val)
+    # Scoring an image costs about a third of training on it (no backward pass).
+    per_trial = budget.epochs * (train + val / 3) / images_per_s
+    workers = ctx.settings.workers
+    total = remaining * per_trial / workers
+    hours, minutes = divmod(round(total / 60), 60)
+    clock = f"{hours}h{minutes:02d}m" if hours else f"{max(minutes, 1)}m"
+    return (
+        f"estimate: {remaining} trial(s) to run, each up to {budget.epochs} epoch(s) x "
+        f"{train:,} images + {val:,} held out, at ~{images_per_s:,.0f} images/s (the static "
+        f"model, timed just now on {ctx.device}"
+        + (f", {workers} workers" if workers > 1 else "")
+        + f"): about {clock} if every trial trains in full; over-budget plans take "
+        "seconds, pruned ones less, dynamic plans train slower than static"
+    )
 
 
 # -- plans from trials ----------------------------------------------------------------------
@@ -475,7 +632,18 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, .
 
     single = len(ctx.settings.objectives) == 1
 
+    budget = ctx.space.training
+
     def report(epoch: int, metrics: dict[str, Any]) -> None:
+        if ctx.settings.progress:
+            rate = metrics.get("images_per_s")
+            print(
+                f"{ctx.prefix}  trial {trial.number} epoch {epoch}/{budget.epochs}: held-out "
+                f"top-1 {float(metrics['val_top1']):.2f}%"
+                + (f", {rate:,.0f} images/s" if rate else "")
+                + f", {float(metrics.get('seconds', 0.0)):.0f}s",
+                flush=True,
+            )
         # Optuna prunes single-objective studies only (Trial.report raises otherwise).
         if not single:
             return
@@ -483,7 +651,6 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, .
         if trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch}: {metrics['val_top1']:.2f}% top-1")
 
-    budget = ctx.space.training
     result = finetune(
         model=model,
         data=ctx.data,
@@ -532,33 +699,76 @@ def make_storage(settings: SearchSettings) -> optuna.storages.BaseStorage:
         path = Path(url.removeprefix("journal:").removeprefix("//"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
+    folder = None
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.removeprefix("sqlite:///").partition("?")[0]).parent
+        folder.mkdir(parents=True, exist_ok=True)
     shown = url
     url = _with_driver(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 120}
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            # Creating the tables of a new storage races between processes that start together
+            # (one gets "UNIQUE constraint failed: alembic_version..." or "table ... already
+            # exists"): processes on this machine take turns, others retry once it is made.
+            with _folder_lock(folder), warnings.catch_warnings():
+                # Heartbeats are "experimental" in Optuna's terms; they make resume work.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=settings.heartbeat,
+                    grace_period=2 * settings.heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=2
+                    ),
+                )
+        except Exception as err:  # SQLAlchemy / driver errors: one line, naming the URL
+            if _creation_race(err) and attempt + 1 < _CREATE_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            message = redact_text(message, shown)[:160]
+            raise DynifyError(
+                f"--storage {redact_url(shown)!r}: cannot open ({type(err).__name__}: {message}); "
+                "accepted: sqlite:///FILE, postgresql://USER:PASS@HOST/DB, mysql://..., "
+                "journal:PATH"
+            ) from None
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+_CREATE_ATTEMPTS = 5
+
+
+def _creation_race(err: Exception) -> bool:
+    """Whether ``err`` is another process creating the same new storage's tables."""
+    import sqlalchemy.exc
+
+    text = str(err).lower()
+    return isinstance(err, sqlalchemy.exc.DBAPIError) and any(
+        words in text for words in ("already exists", "unique constraint", "duplicate")
+    )
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path | None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder`` itself (no lock file is left behind), or nothing
+    when there is no local folder or the platform has no flock."""
     try:
-        with warnings.catch_warnings():
-            # Heartbeats are "experimental" in Optuna's terms; they are what makes resume work.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=settings.heartbeat,
-                grace_period=2 * settings.heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=2
-                ),
-            )
-    except Exception as err:  # SQLAlchemy / driver errors: one line, naming the URL
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DynifyError(
-            f"--storage {_redact(shown)!r}: cannot open ({type(err).__name__}: {message[:160]}); "
-            "accepted: sqlite:///FILE, postgresql://USER:PASS@HOST/DB, mysql://..., "
-            "journal:PATH"
-        ) from None
+        import fcntl
+    except ImportError:  # Windows: the retry covers it
+        fcntl = None  # type: ignore[assignment]
+    if folder is None or fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # SQLAlchemy's default driver for a bare scheme, and the ones tried instead when it is missing
@@ -591,12 +801,81 @@ def _with_driver(url: str) -> str:
     names = ", ".join(module for _, module in _DRIVERS[scheme])
     hint = "pip install 'dynify[postgres]'" if scheme == "postgresql" else "pip install pymysql"
     raise DynifyError(
-        f"--storage {_redact(url)!r}: no {scheme} driver is installed ({names}); {hint}"
+        f"--storage {redact_url(url)!r}: no {scheme} driver is installed ({names}); {hint}"
     )
 
 
-def _redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+# Query-string keys that carry a secret (libpq's password and sslpassword, tokens, keys).
+_SECRET_QUERY = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
+HIDDEN = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to print or store: its password (and any secret in its query string)
+    replaced by ``***``, parsed as SQLAlchemy parses it. A URL that does not parse is not
+    shown at all (only its scheme), since where its secret lies is unknown."""
+    if url.startswith("journal:"):
+        return url  # a file path: nothing secret in it
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # ArgumentError, or ValueError for a bad port
+        scheme = url.partition("://")[0]
+        shown = scheme if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) else "a storage"
+        return f"{shown} URL that does not parse (not shown, it may hold a password)"
+    host = parsed.host
+    if host and "@" in host:
+        # A password with a raw '@': SQLAlchemy takes the text after its first '@' as part
+        # of the host, so that part is the rest of the password.
+        host = host.rsplit("@", 1)[1]
+        parsed = parsed.set(host=host, password=parsed.password or HIDDEN)
+    query = {
+        key: (HIDDEN if _SECRET_QUERY.search(key) else value) for key, value in parsed.query.items()
+    }
+    rendered = parsed.set(query=query).render_as_string(hide_password=True)
+    # render_as_string percent-encodes the query's '***'; write it as the password is.
+    return rendered.replace("%2A%2A%2A", HIDDEN)
+
+
+def _secrets(url: str) -> list[str]:
+    """The pieces of ``url`` that must not appear in a message: its password (as typed and
+    as parsed), query-string secrets, and the whole URL when it does not parse."""
+    from urllib.parse import unquote
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return [url, url.partition("://")[2]]
+    found = [url]
+    netloc = url.partition("://")[2].split("/")[0]
+    userinfo = netloc.rpartition("@")[0]  # up to the last '@': a password may hold one
+    if ":" in userinfo:
+        typed = userinfo.partition(":")[2]
+        found += [typed, unquote(typed)]
+    if parsed.host and "@" in parsed.host:
+        # The rest of a password with a raw '@', which drivers quote as part of the host.
+        found.append(parsed.host.rsplit("@", 1)[0])
+    elif parsed.password:
+        found.append(str(parsed.password))
+    for key, value in parsed.query.items():
+        if _SECRET_QUERY.search(key):
+            found += [value] if isinstance(value, str) else list(value)
+    return [f for f in found if f]
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` (e.g. a driver's error message) with every secret of ``url`` hidden."""
+    for secret in sorted(_secrets(url), key=len, reverse=True):
+        if secret == url:
+            text = text.replace(url, redact_url(url))
+        elif len(secret) >= 4:
+            text = text.replace(secret, HIDDEN)
+        else:  # a short one only where it stands alone, not inside every word
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", HIDDEN, text)
+    return text
 
 
 def study_name(ctx: SearchContext) -> str:
@@ -671,7 +950,8 @@ def open_study(ctx: SearchContext, *, create: bool) -> optuna.Study:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
         raise DynifyError(
-            f"study {name!r} does not exist in {_redact(ctx.settings.storage or 'the run folder')}"
+            f"study {name!r} does not exist in "
+            f"{redact_url(ctx.settings.storage) if ctx.settings.storage else 'the run folder'}"
         ) from None
     existing = study.user_attrs.get("dynify")
     if existing is None and create:
@@ -699,6 +979,8 @@ def open_study(ctx: SearchContext, *, create: bool) -> optuna.Study:
         for preset in ctx.presets:
             params = static_params(ctx) if preset == STATIC else {}
             study.enqueue_trial(params, user_attrs={"preset": preset})
+    if create:
+        requeue_interrupted(study)
     return study
 
 
@@ -754,7 +1036,71 @@ def _claim(
                     )
                 )
             raise _Surplus(note)
-    return objective(trial, ctx)
+    try:
+        return objective(trial, ctx)
+    except KeyboardInterrupt:
+        # Optuna marks it FAIL, which is never retried: say it was interrupted, so that the
+        # next run on this study queues it again (:func:`requeue_interrupted`).
+        _QUIET_FAILURES.numbers.add(trial.number)
+        trial.set_user_attr(INTERRUPTED, True)
+        raise SearchInterrupted(
+            f"trial {trial.number} was interrupted; rerun the same command to resume (it "
+            "runs that trial again)"
+        ) from None
+
+
+INTERRUPTED = "interrupted"
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a trial: the trial is marked ``interrupted`` and rerun on resume."""
+
+
+class _QuietFailures(logging.Filter):
+    """Drops Optuna's "Trial N failed ... KeyboardInterrupt" warnings (with their traceback)
+    for the trials this process interrupted: the command says it in one line instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(text.startswith(f"Trial {n} failed") for n in self.numbers)
+
+
+_QUIET_FAILURES = _QuietFailures()
+logging.getLogger("optuna.study._optimize").addFilter(_QUIET_FAILURES)
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Queue again every interrupted trial (Ctrl-C) that has no retry yet and whose plan no
+    finished trial has run (the same preset, or the same sampled parameters); return the
+    numbers of the trials queued again. So a preset interrupted mid-way is not lost."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    queued = []
+    for t in trials:
+        if (
+            t.state != optuna.trial.TrialState.FAIL
+            or not t.user_attrs.get(INTERRUPTED)
+            or t.number in retried
+        ):
+            continue
+        preset = t.user_attrs.get("preset")
+        if any(
+            other.state in FINISHED
+            and other.user_attrs.get("preset") == preset
+            and (preset is not None or other.params == t.params)
+            for other in trials
+        ):
+            continue
+        attrs: dict[str, Any] = {"retry_of": t.number}
+        if preset is not None:
+            attrs["preset"] = preset
+        study.enqueue_trial(dict(t.params), user_attrs=attrs)
+        queued.append(t.number)
+    return queued
 
 
 def run_worker(
@@ -808,6 +1154,11 @@ def run_worker(
                 catch=(TrainingDiverged, _Surplus),
                 gc_after_trial=True,
             )
+        except KeyboardInterrupt as interrupt:
+            if isinstance(interrupt, SearchInterrupted):
+                raise
+            # Between trials (Optuna asking for the next one): nothing is lost.
+            raise SearchInterrupted("between trials; rerun the same command to resume") from None
         except optuna.exceptions.UpdateFinishedTrialError:
             # This process's heartbeat was late (a stall, a network cut): another process
             # declared the trial dead and queued its retry, which counts instead.
