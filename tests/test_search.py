@@ -35,6 +35,7 @@ from _imagedata import write_image_folder
 from optuna.trial import TrialState
 
 import dynify
+import dynify.models
 import dynify.search.study as study_module
 import dynify.train
 from dynify.cli import main
@@ -704,3 +705,295 @@ def test_advantage_over_static_is_judged_against_its_standard_error() -> None:
     assert small is not None and not small["exceeds"]
     assert "cannot tell the best plan from static" in small["text"]
     assert _advantage(cmp(80.0, 80.0, best="static"), 5000) is None  # static won
+
+
+# -- hardening: the run folder, secrets, Ctrl-C, concurrent creation, budgets, plots ---------
+
+
+@contextlib.contextmanager
+def counting_work():
+    """Count data loads and model builds (``prepare`` looks both up at call time)."""
+    calls: list[str] = []
+    real_load, real_create = dynify.train.load_data, dynify.models.create_model
+
+    def load_data(*args, **kwargs):
+        calls.append("load_data")
+        return real_load(*args, **kwargs)
+
+    def create_model(*args, **kwargs):
+        calls.append("create_model")
+        return real_create(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dynify.train, "load_data", load_data)
+        mp.setattr(dynify.models, "create_model", create_model)
+        yield calls
+
+
+def test_an_output_in_the_way_is_refused_before_any_work(files, tmp_path: Path) -> None:
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("keep me")
+    under_a_file = in_the_way / "run"
+    for output, words in (
+        (in_the_way, f"--output {str(in_the_way)!r} is a file; give a folder"),
+        (under_a_file, f"{str(in_the_way)!r} is a file, not a folder"),
+    ):
+        with counting_work() as work:
+            code, out, err = run_main(search_args(files, output))
+        assert (code, out, work) == (2, "", []), err
+        (line,) = err.strip().splitlines()
+        assert line.startswith("dynify search: error: --output ") and words in line
+        assert "Traceback" not in err
+    assert in_the_way.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+SECRET = "Hunter2Secret"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://user:p@ss{SECRET}@127.0.0.1:1/db",  # '@' in the password
+        f"postgresql://user:pw@127.0.0.1:1/db?password={SECRET}&sslmode=disable",
+        f"postgresql://user:{SECRET}@127.0.0.1:notaport/db",  # does not parse
+        f"mysql://user:{SECRET}@127.0.0.1:1/db",  # no driver installed
+        f"nonsense {SECRET}",
+    ],
+)
+def test_storage_passwords_never_appear_in_errors(files, tmp_path: Path, url: str) -> None:
+    output = tmp_path / "out"
+    code, out, err = run_main(search_args(files, output, "--storage", url))
+    assert code == 2 and out == "", err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("dynify search: error: --storage ")
+    assert SECRET not in line and SECRET.lower() not in line.lower(), line
+    for path in tmp_path.rglob("*"):
+        assert path.is_dir() or SECRET.encode() not in path.read_bytes(), path
+
+
+def test_redact_url_uses_sqlalchemys_parse() -> None:
+    from dynify.search.study import redact_text, redact_url
+
+    assert (
+        redact_url("postgresql://u:p@ss@db.example.org/x") == "postgresql://u:***@db.example.org/x"
+    )
+    assert (
+        redact_url("postgresql://u:pw@h/x?sslmode=require&password=zz&sslpassword=yy")
+        == "postgresql://u:***@h/x?password=***&sslmode=require&sslpassword=***"
+    )
+    assert redact_url("mysql://u:s%40cret@h:3306/x") == "mysql://u:***@h:3306/x"
+    assert redact_url("postgresql://u:secret@h:port/x") == (
+        "postgresql URL that does not parse (not shown, it may hold a password)"
+    )
+    assert redact_url("journal:/shared/study.log") == "journal:/shared/study.log"
+    assert redact_url("sqlite:////tmp/study.db") == "sqlite:////tmp/study.db"
+    # A driver's message that quotes the host SQLAlchemy parsed (the tail of the password).
+    message = 'could not translate host name "ss@word@h" to address; user "u" pw p'
+    assert redact_text(message, "postgresql://u:p@ss@word@h/x") == (
+        'could not translate host name "***@h" to address; user "u" pw p'
+    )
+
+
+def test_a_storage_password_is_in_no_output_of_a_whole_run(files, tmp_path: Path) -> None:
+    """A URL with a password in its query string that opens (SQLite ignores it): the search
+    runs, and the secret is in nothing it prints or writes."""
+    output = tmp_path / "out"
+    url = f"sqlite:///{tmp_path / 'db' / 'study.db'}?password={SECRET}"
+    code, out, err = run_main(search_args(files, output, "--storage", url, trials=3))
+    assert code == 0, err
+    assert f"storage sqlite:///{tmp_path / 'db' / 'study.db'}?password=***" in out
+    assert SECRET not in out and SECRET not in err
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"study.db", "summary.json", "trials.csv", "best.yaml"}
+    for path in written:
+        assert SECRET.encode() not in path.read_bytes(), path
+    study = optuna.load_study(study_name=None, storage=url.partition("?")[0])
+    assert SECRET not in json.dumps(study.user_attrs, default=str)
+
+
+# A child process runs the real CLI with the training loop raising KeyboardInterrupt (as
+# Ctrl-C does) in its second call: during the "mobile" preset, the second trial.
+_CTRL_C_IN_SECOND_TRIAL_CLI = """
+import sys
+import dynify.train
+real = dynify.train.finetune
+calls = []
+def finetune(**kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise KeyboardInterrupt
+    return real(**kwargs)
+dynify.train.finetune = finetune
+from dynify.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_in_a_trial_is_one_line_and_the_trial_runs_on_resume(files, tmp_path) -> None:
+    output = tmp_path / "out"
+    args = search_args(files, output, trials=3)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_IN_SECOND_TRIAL_CLI, *args],
+        capture_output=True, text=True, timeout=600, env=ENV,
+    )  # fmt: skip
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (
+        "dynify search: interrupted: trial 1 was interrupted; rerun the same command to "
+        "resume (it runs that trial again)"
+    )
+    before = load(output).trials
+    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert before[1].user_attrs["preset"] == "mobile" and before[1].user_attrs["interrupted"]
+
+    code, _, err = run_main(args)  # the same command resumes
+    assert code == 0, err
+    study = load(output)
+    retry = study.trials[2]
+    assert retry.user_attrs == {**retry.user_attrs, "preset": "mobile", "retry_of": 1}
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["converted"] == 4
+    presets = [t.user_attrs.get("preset") for t in done(study)]
+    assert presets[:2] == ["static", "mobile"] and len(done(study)) == 3
+    # Queued once: a further run finds the retry and does not queue the trial again.
+    assert study_module.requeue_interrupted(study) == []
+    with open(output / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert (rows[1]["interrupted"], rows[2]["retry_of"]) == ("True", "1")
+
+
+def test_an_interrupted_sampled_trial_is_not_requeued_when_its_plan_finished(
+    files, tmp_path: Path
+) -> None:
+    ctx = prepare(settings_for(files, tmp_path / "out"))
+    ctx.presets = []
+    study = open_study(ctx, create=True)
+    params = {**study_module.static_params(ctx), "experts.stage1": 2}
+    distributions = {
+        k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()
+    }
+    for state, attrs in ((TrialState.FAIL, {"interrupted": True}), (TrialState.FAIL, {})):
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state, params=params, distributions=distributions, user_attrs=attrs
+            )
+        )
+    assert study_module.requeue_interrupted(study) == [0]  # the plain failure is not
+    assert study.trials[2].state == TrialState.WAITING and study.trials[2].params == {}
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert waiting[0].system_attrs["fixed_params"] == params
+    study.add_trial(  # the retry ran elsewhere under another number; no new copy
+        optuna.trial.create_trial(
+            value=50.0, params=params, distributions=distributions,
+            user_attrs={"interrupted": True},
+        )
+    )  # fmt: skip
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.FAIL, params=params, distributions=distributions,
+            user_attrs={"interrupted": True},
+        )
+    )  # fmt: skip
+    assert study_module.requeue_interrupted(study) == []  # trial 3 finished these params
+
+
+def _create_together(settings: SearchSettings) -> tuple[list[int], list[str]]:
+    """Two threads (each its own engine, as two processes have) open the storage and create
+    or join study "s" at the same moment: the study ids they got, the errors they hit."""
+    import threading
+
+    barrier = threading.Barrier(2)
+    errors: list[str] = []
+    ids: list[int] = []
+
+    def join() -> None:
+        barrier.wait()
+        try:
+            storage = make_storage(settings)
+            try:
+                ids.append(storage.create_new_study(
+                    [optuna.study.StudyDirection.MAXIMIZE], study_name="s"))  # fmt: skip
+            except optuna.exceptions.DuplicatedStudyError:
+                ids.append(storage.get_study_id_from_name("s"))
+        except Exception as err:  # the failure is the finding
+            errors.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=join) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return ids, errors
+
+
+def test_processes_creating_a_new_storage_at_once_all_join(tmp_path: Path) -> None:
+    """Several rounds on fresh run folders: both always join the one study (before the lock
+    and the retry, most rounds ended in "UNIQUE constraint failed: alembic_version...")."""
+    for round_ in range(6):
+        folder = tmp_path / f"run{round_}"
+        ids, errors = _create_together(SearchSettings(budget=BUDGET, output=str(folder)))
+        assert errors == [] and len(ids) == 2 and ids[0] == ids[1], (round_, errors)
+        assert sorted(p.name for p in folder.iterdir()) == ["study.db"]  # no lock file left
+
+
+def test_training_flags_override_the_space(files, tmp_path: Path) -> None:
+    ctx = prepare(settings_for(files, tmp_path / "out", epochs=1, train_images=40, val_images=20))
+    training = ctx.space.training
+    assert (training.epochs, training.train_images, training.val_images) == (1, 40, 20)
+    assert (len(ctx.data.train), len(ctx.data.val)) == (40, 20)
+    assert training.batch_size == 16 and ctx.notes == []  # the rest is the space's
+    with pytest.raises(DynifyError, match=r"--epochs 0: expected an integer >= 1"):
+        prepare(settings_for(files, tmp_path / "out", epochs=0))
+
+
+def test_a_space_larger_than_the_data_is_scaled_with_a_note(files, tmp_path: Path) -> None:
+    """The default space's counts (5,000 held out, 20,000 to train on) against 108 images:
+    the split keeps the space's proportion (1 in 5 held out), the run says so, per-epoch
+    progress and an estimate are printed, and summary.json records what was used."""
+    space = tmp_path / "big.yaml"
+    space.write_text(space_yaml(train_images=20000).replace("val_images: 32", "val_images: 5000"))
+    output = tmp_path / "out"
+    code, out, err = run_main(_with(search_args(files, output, trials=2), ["--space", str(space)]))
+    assert code == 0, err
+    data = str(files.data)
+    assert (
+        f"note: data {data!r} has 108 training images, fewer than the space 'big' asks for "
+        "(5,000 held out + 20,000 to train on); using 22 held out and 86 to train on "
+        "(--val-images and --train-images choose)"
+    ) in out
+    assert "estimate: 2 trial(s) to run, each up to 2 epoch(s) x 86 images + 22 held out" in out
+    assert "images/s (the static model, timed just now on cpu)" in out
+    assert "  trial 0 epoch 1/2: held-out top-1 " in out
+    assert "  trial 0 epoch 2/2: held-out top-1 " in out
+    summary = json.loads((output / "summary.json").read_text())
+    assert (summary["training"]["val_images"], summary["training"]["train_images"]) == (22, 86)
+    assert "advantage" not in summary["best"] or "22 held-out" in summary["best"]["advantage"]
+
+
+def test_plots_keep_points_clear_and_label_the_best(run: SimpleNamespace, files) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.ticker import MaxNLocator
+
+    from dynify.search.report import count_label, history_figure, pareto_figure
+
+    assert [count_label(v) for v in (1.2e8, 1.2e9, 9.5e6, 8_196_864, 0.0, 512.0)] == [
+        "120M", "1.2G", "9.5M", "8.2M", "0", "512",
+    ]  # fmt: skip
+    ctx = prepare(settings_for(files, run.output))
+    summary = json.loads((run.output / "summary.json").read_text())
+    best = run.study.trials[summary["best"]["trial"]]
+    label = best.user_attrs.get("preset") or f"trial {best.number}"
+    history, pareto = history_figure(run.study, ctx), pareto_figure(run.study, ctx)
+    for fig in (history, pareto):
+        FigureCanvasAgg(fig).draw()
+        (ax,) = fig.axes
+        legend = ax.get_legend()
+        # The legend lies beside the axes: it covers no point.
+        assert legend.get_window_extent().x0 >= ax.get_window_extent().x1
+        assert f"best: {label}, {best.value:.2f}%" in [t.get_text() for t in ax.texts]
+    locator = history.axes[0].xaxis.get_major_locator()
+    assert isinstance(locator, MaxNLocator) and locator._integer
+    ticks = [t.get_text() for t in pareto.axes[0].get_xticklabels() if t.get_text()]
+    assert ticks and all(t[-1] == "M" for t in ticks), ticks  # 8.2M, not 8.2 with 1e6
+    assert pareto.axes[0].xaxis.get_offset_text().get_text() == ""

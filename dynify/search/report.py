@@ -209,8 +209,9 @@ def pareto_figure(study: optuna.Study, ctx: SearchContext) -> Any:
             zorder=3 if on_front else 2,
             label=("Pareto front" if second else "best") if on_front else "feasible",
         )
+    labelled_best = winners[0].number if second is None and winners else None
     for t in shown:
-        if t.user_attrs.get("preset"):
+        if t.user_attrs.get("preset") and t.number != labelled_best:  # the best says its own
             ax.annotate(t.user_attrs["preset"], (t.user_attrs[key], t.values[0]), fontsize=7)
     if second is None and winners and key in winners[0].user_attrs:
         best = winners[0]

@@ -27,6 +27,7 @@ from dynify.search.study import (
     SearchContext,
     SearchInterrupted,
     SearchSettings,
+    clock,
     estimate,
     finished,
     open_study,
@@ -90,18 +91,9 @@ class _Progress:
             left = min(left, max(self.ctx.settings.timeout - used, 0.0))
         print(
             f"{self.prefix}trial {trial.number} ({len(done)}/{total}) {what}: {result}, {cost}"
-            f"{best} | {_clock(used)} used, ~{_clock(left)} left",
+            f"{best} | {clock(used)} used, ~{clock(left)} left",
             flush=True,
         )
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-        if seconds >= 3600
-        else (f"{seconds // 60}m{seconds % 60:02d}s")
-    )
 
 
 def _worker_main(settings: SearchSettings, index: int) -> None:

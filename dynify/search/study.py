@@ -435,6 +435,14 @@ def training_speed(ctx: SearchContext, *, steps: int = 2) -> float:
     return steps * budget.batch_size / max(time.perf_counter() - start, 1e-9)
 
 
+def clock(seconds: float) -> str:
+    """``75`` -> ``1m15s``, ``3725`` -> ``1h02m``."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def estimate(ctx: SearchContext, remaining: int, images_per_s: float) -> str:
     """What ``remaining`` trials may take at ``images_per_s``, said as the estimate it is."""
     budget = ctx.space.training
@@ -443,14 +451,12 @@ def estimate(ctx: SearchContext, remaining: int, images_per_s: float) -> str:
     per_trial = budget.epochs * (train + val / 3) / images_per_s
     workers = ctx.settings.workers
     total = remaining * per_trial / workers
-    hours, minutes = divmod(round(total / 60), 60)
-    clock = f"{hours}h{minutes:02d}m" if hours else f"{max(minutes, 1)}m"
     return (
         f"estimate: {remaining} trial(s) to run, each up to {budget.epochs} epoch(s) x "
         f"{train:,} images + {val:,} held out, at ~{images_per_s:,.0f} images/s (the static "
         f"model, timed just now on {ctx.device}"
         + (f", {workers} workers" if workers > 1 else "")
-        + f"): about {clock} if every trial trains in full; over-budget plans take "
+        + f"): about {clock(total)} if every trial trains in full; over-budget plans take "
         "seconds, pruned ones less, dynamic plans train slower than static"
     )
 
