@@ -997,3 +997,17 @@ def test_plots_keep_points_clear_and_label_the_best(run: SimpleNamespace, files)
     ticks = [t.get_text() for t in pareto.axes[0].get_xticklabels() if t.get_text()]
     assert ticks and all(t[-1] == "M" for t in ticks), ticks  # 8.2M, not 8.2 with 1e6
     assert pareto.axes[0].xaxis.get_offset_text().get_text() == ""
+
+
+@pytest.mark.slow
+def test_two_commands_started_together_on_a_fresh_folder_share_the_study(files, tmp_path) -> None:
+    """Two real ``dynify search`` processes, started at the same moment on a new run folder,
+    both join one study (rounds on fresh folders: the storage creation race is timing)."""
+    for round_ in range(3):
+        output = tmp_path / f"run{round_}"
+        procs = [_spawn(files, output, trials=3) for _ in range(2)]
+        results = [p.communicate(timeout=900) for p in procs]
+        for p, (_, err) in zip(procs, results, strict=True):
+            assert p.returncode == 0, err
+            assert "UNIQUE constraint" not in err and "already exists" not in err
+        _check_shared_study(load(output), 3)

@@ -1,8 +1,10 @@
 """What a search leaves in its run folder, and the summary it prints.
 
-``best.yaml`` (the winning plan as a ready recipe: ``dynify convert MODEL --recipe best.yaml``
-reproduces it), ``front/`` (one recipe per Pareto-optimal trial in multi-objective mode),
-``trials.csv`` (one row per trial), ``history.png`` and ``pareto.png``, ``summary.json``.
+``best.yaml`` (the winning plan as a ready recipe; its header and the summary give the
+``dynify convert MODEL --recipe .../best.yaml --num-classes N --input-size C,H,W`` command that
+rebuilds the searched model), ``front/`` (one recipe per Pareto-optimal trial in
+multi-objective mode), ``trials.csv`` (one row per trial), ``history.png`` and ``pareto.png``,
+``summary.json``.
 Every file is written under a temporary name and renamed.
 """
 

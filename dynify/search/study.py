@@ -135,9 +135,7 @@ def accepted(name: str) -> str:
 def check_number(name: str, value: Any) -> None:
     """Refuse a numeric setting outside its range, naming its flag and what is accepted."""
     flag, integer, minimum, _ = NUMERIC_SETTINGS[name]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and integer:
-        ok = isinstance(value, int) or float(value).is_integer()
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
     if ok:
         ok = math.isfinite(value) and (value >= minimum if integer else value > minimum)
     if ok and name == "seed":
@@ -657,6 +655,15 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, .
         if trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch}: {metrics['val_top1']:.2f}% top-1")
 
+    if ctx.settings.progress:  # a trial trains for minutes: say what it is doing
+        preset = trial.user_attrs.get("preset")
+        what = f"the {preset} preset" if preset else "a sampled plan"
+        print(
+            f"{ctx.prefix}  trial {trial.number}: training {what} "
+            f"({len(plan.converted)} dynamic convs, {cost.format_count(totals.flops)}FLOPs) "
+            f"for {budget.epochs} epoch(s) on {len(ctx.data.train):,} images",
+            flush=True,
+        )
     result = finetune(
         model=model,
         data=ctx.data,
