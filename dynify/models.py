@@ -89,18 +89,34 @@ def _hub_offline_setting() -> str | None:
 
 def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> bool:
     """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``'s host, else
-    huggingface.co, port 443) opens within ``timeout`` seconds."""
+    huggingface.co, port 443) opens within about ``timeout`` seconds, name lookup included.
+
+    Behind a proxy (``HTTPS_PROXY`` / ``ALL_PROXY`` set) a direct connection says nothing,
+    so the hub is then taken as reachable and huggingface_hub decides.
+    """
     import socket
+    import threading
     from urllib.parse import urlsplit
 
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    # The name lookup ignores the socket timeout; a daemon thread bounds it too.
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
 
 
 def create_model(
