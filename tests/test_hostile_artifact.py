@@ -321,3 +321,30 @@ def test_every_good_artifact_still_loads(good: Path) -> None:
     assert info.plan.layers == dynify.Plan.from_dict(_plan(good)).layers
     loaded = dynify.load(good)
     assert len(dynify.plan_of(loaded).converted) == len(info.plan.converted) > 0
+
+
+def test_an_expert_bomb_in_the_plan_is_refused_before_building(good: Path, tmp_path: Path) -> None:
+    import time
+
+    layers = _plan(good)["layers"]
+    index = next(i for i, lp in enumerate(layers) if lp["settings"]["convert"])
+    plan = _layer_edit(good, index, "settings", experts=10**9)
+    hostile = forge(good, tmp_path / "h.safetensors", plan=plan)
+    start = time.perf_counter()
+    with pytest.raises(DynifyError, match=r"the plan needs [\d,.]+ GiB of parameters") as info:
+        dynify.load(hostile)
+    assert time.perf_counter() - start < 5 and "\n" not in str(info.value)
+
+
+def test_weights_that_do_not_fit_are_reported_in_whole_words(good: Path, tmp_path: Path) -> None:
+    import re
+
+    tensors = {k: v for k, v in load_file(str(good)).items() if not k.startswith("layer")}
+    hostile = tmp_path / "h.safetensors"
+    save_file(tensors, str(hostile), metadata=_metadata(good))
+    with pytest.raises(DynifyError, match="weights do not fit resnet18 as planned") as info:
+        dynify.load(hostile)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 500
+    # Cut after a whole (quoted) key name, never inside one.
+    assert re.search(r'"[\w.]+"…\)$', message), message
