@@ -62,17 +62,65 @@ GLOBAL_POOLS: tuple[str, ...] = (
     "map",
 )
 
-# The keyword arguments an artifact may pass to timm.create_model, with what each accepts:
-# what dynify's commands pass (num_classes, in_chans) and what shapes a fine-tuned model
-# (pooling, dropout rates; dropout has no tensors, but the model should train as saved).
-MODEL_KWARGS: dict[str, str] = {
-    "num_classes": "a positive integer",
-    "in_chans": "a positive integer",
-    "global_pool": f"one of {', '.join(repr(p) for p in GLOBAL_POOLS)}",
-    "drop_rate": "a number in [0, 1)",
-    "drop_path_rate": "a number in [0, 1)",
-    "drop_block_rate": "a number in [0, 1)",
+# Bounds far above any timm model (resnet200 has 36 blocks in a stage), so that building
+# the architecture's skeleton to price it (see load) never loops for long.
+_MAX_STAGES = 16
+_MAX_BLOCKS = 1024
+
+# What each kind of accepted keyword argument must be.
+_KIND_TEXT = {
+    "count": "a positive integer",
+    "counts": f"a list of 1 to {_MAX_STAGES} positive integers",
+    "blocks": f"a list of 1 to {_MAX_STAGES} integers from 1 to {_MAX_BLOCKS}",
+    "rate": "a number in [0, 1)",
+    "multiplier": "a finite number > 0",
+    "pool": f"one of {', '.join(repr(p) for p in GLOBAL_POOLS)}",
+    "output_stride": "8, 16 or 32",
 }
+
+# The keyword arguments an artifact may pass to timm.create_model, by kind: what dynify's
+# commands pass (num_classes, in_chans), what a fine-tuned model was built with (pooling,
+# dropout rates: no tensors, but the model should train as saved), and the architecture
+# sizes timm's families take (the tests' tiny test_resnet uses channels and stem_width).
+# Nothing that names a file, a URL, a cache or a source of weights.
+MODEL_KWARGS: dict[str, str] = {
+    "num_classes": "count",
+    "in_chans": "count",
+    "global_pool": "pool",
+    "drop_rate": "rate",
+    "drop_path_rate": "rate",
+    "drop_block_rate": "rate",
+    "output_stride": "output_stride",
+    "stem_width": "count",
+    "channels": "counts",
+    "layers": "blocks",
+    "depths": "blocks",
+    "embed_dim": "count",
+    "channel_multiplier": "multiplier",
+    "depth_multiplier": "multiplier",
+    "width_multiplier": "multiplier",
+}
+
+
+def _valid_kwarg(kind: str, value: Any) -> bool:
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "count":
+        return count(value)
+    if kind in ("counts", "blocks"):
+        if not (isinstance(value, list) and 1 <= len(value) <= _MAX_STAGES):
+            return False
+        return all(count(v) and (kind == "counts" or v <= _MAX_BLOCKS) for v in value)
+    if kind == "rate":
+        return number and math.isfinite(value) and 0 <= value < 1
+    if kind == "multiplier":
+        return number and math.isfinite(value) and value > 0
+    if kind == "pool":
+        return isinstance(value, str) and value in GLOBAL_POOLS
+    return count(value) and value in (8, 16, 32)  # output_stride
+
 
 # The safetensors header (the metadata plus the tensor index) of an artifact: a plan takes
 # about 750 bytes a conv, so 16 MiB is ample for any timm model and keeps a hostile file
@@ -163,19 +211,9 @@ def check_model_kwargs(kwargs: Any, *, where: str) -> dict[str, Any]:
                 f"{where}: {key!r} is not accepted{did_you_mean(str(key), MODEL_KWARGS)}: an "
                 f"artifact only rebuilds an architecture, from the keys {accepted}"
             )
-        if key in ("num_classes", "in_chans"):
-            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        elif key == "global_pool":
-            valid = isinstance(value, str) and value in GLOBAL_POOLS
-        else:
-            valid = (
-                isinstance(value, int | float)
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-                and 0 <= value < 1
-            )
-        if not valid:
-            raise DynifyError(f"{where}: {key} must be {MODEL_KWARGS[key]}, got {value!r}")
+        kind = MODEL_KWARGS[key]
+        if not _valid_kwarg(kind, value):
+            raise DynifyError(f"{where}: {key} must be {_KIND_TEXT[kind]}, got {value!r}")
     return kwargs
 
 
@@ -274,6 +312,40 @@ def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     )
 
 
+def _check_architecture_size(info: ArtifactInfo, path: Path) -> None:
+    """Refuse metadata whose architecture is far bigger than the file's own tensors (a
+    ``num_classes`` of a billion), before allocating it: the architecture is first built
+    on the meta device, which costs no memory.
+
+    An honest artifact holds every parameter and persistent buffer of the converted model,
+    which has at least the unconverted model's; twice the file plus 64 MiB leaves room for
+    non-persistent buffers (index tables) that the file does not store.
+    """
+    import timm
+
+    from dynify.convert import available_memory
+
+    try:
+        with torch.device("meta"):
+            skeleton = timm.create_model(
+                info["model_name"], pretrained=False, **info["model_kwargs"]
+            )
+    except Exception:  # the real build below reports what is wrong
+        return
+    tensors = [*skeleton.parameters(), *skeleton.buffers()]
+    need = sum(t.numel() * t.element_size() for t in tensors)
+    file_bytes = path.stat().st_size
+    available = available_memory(torch.device("cpu"))
+    if need > 2 * file_bytes + 2**26 or (available is not None and need > available):
+        have = f"; this machine has {available / 2**30:,.1f} GiB available" if available else ""
+        raise DynifyError(
+            f"{str(path)!r}: the metadata describe a {info['model_name']} "
+            f"{info['model_kwargs']} of {need / 2**30:,.1f} GiB before conversion, but the "
+            f"file holds {file_bytes / 2**30:,.2f} GiB of weights{have}; not this file's "
+            "model (damaged or forged metadata)"
+        )
+
+
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a converted model from an artifact alone (same outputs as when saved)."""
     from safetensors.torch import load_model
@@ -281,6 +353,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     from dynify.models import create_model
 
     info = read_info(path)
+    _check_architecture_size(info, Path(path))
     # Never pretrained: the file's own tensors are the weights (read_info refused any other
     # source of weights in model_kwargs).
     model = create_model(info["model_name"], pretrained=False, **info["model_kwargs"])

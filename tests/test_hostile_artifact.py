@@ -348,3 +348,33 @@ def test_weights_that_do_not_fit_are_reported_in_whole_words(good: Path, tmp_pat
     assert "\n" not in message and len(message) < 500
     # Cut after a whole (quoted) key name, never inside one.
     assert re.search(r'"[\w.]+"…\)$', message), message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_classes": 10**9}, r"of [\d,.]+ GiB before conversion, but the file holds"),
+        ({"layers": [10**9, 2, 2, 2]}, r"layers must be a list of 1 to 16 integers from 1 to"),
+    ],
+)
+def test_an_architecture_bomb_in_model_kwargs_is_refused_before_building(
+    good: Path, tmp_path: Path, kwargs: dict, message: str
+) -> None:
+    import time
+
+    hostile = forge(good, tmp_path / "h.safetensors", model_kwargs=kwargs)
+    start = time.perf_counter()
+    with pytest.raises(DynifyError, match=message) as info:
+        dynify.load(hostile)
+    assert time.perf_counter() - start < 5 and "\n" not in str(info.value)
+
+
+def test_architecture_kwargs_users_pass_round_trip(tmp_path: Path) -> None:
+    kwargs = {"num_classes": 4, "channels": [8, 16, 24, 32], "stem_width": 8}
+    model = timm.create_model("test_resnet", **kwargs).eval()
+    converted = dynify.apply(model, "mobile", input_size=SIZE)
+    path = dynify.save(converted, tmp_path / "t.safetensors", model_kwargs=kwargs)
+    loaded = dynify.load(path).eval()
+    x = torch.randn(1, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted.eval()(x))
