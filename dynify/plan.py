@@ -323,6 +323,8 @@ def _shape(doc: Doc, raw: Any, path: str) -> tuple[int, int, int]:
 
 def _layer(doc: Doc, raw: Any, path: str) -> LayerPlan:
     entry = _required(doc, raw, path, LAYER_KEYS, LAYER_KEYS)
+    if not isinstance(entry["settings"], dict):  # null would silently mean the defaults
+        raise doc.error(f"{path}.settings", f"expected a mapping, got {entry['settings']!r}")
     return LayerPlan(
         _site(doc, entry["site"], f"{path}.site"),
         parse_settings(doc, entry["settings"], f"{path}.settings"),

@@ -248,6 +248,10 @@ def _layer_edit(good: Path, index: int, section: str, **changes: Any) -> dict[st
         (lambda g: {**_plan(g), "input_size": [3, 0, 32]}, r"input_size\[1\]"),
         (lambda g: {**_plan(g), "op_counts": {"ops": [[1]], "params": 3}}, r"op_counts\.ops\[0\]"),
         (lambda g: {**_plan(g), "surprise": 1}, r"plan: surprise: unknown key"),
+        (
+            lambda g: {**_plan(g), "layers": [{**_plan(g)["layers"][0], "settings": None}]},
+            r"layers\[0\]\.settings: expected a mapping, got None",
+        ),
     ],
 )
 def test_bad_plan_names_the_key(good: Path, tmp_path: Path, plan: Any, message: str) -> None:
