@@ -9,7 +9,11 @@ error during the write itself (a full disk) is one line too.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +27,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "ensure_writable",
+    "remove_stale_temporaries",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -82,30 +89,112 @@ def _write_error(target: Path, err: OSError) -> DynifyError:
     return DynifyError(f"could not write {str(target)!r}: {reason}")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it over ``path`` on success."""
-    target = Path(path)
-    ensure_writable(target)
+# Temporaries are named ``.<target name>.<host>.<pid>.<random>.tmp`` so that a later write
+# to the same target can tell whose they are: one whose writer (same host, that pid) is gone
+# was left by a killed process (SIGKILL, out of memory, power) and is removed; any other,
+# a live writer's or another host's on a shared folder, is left alone.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _temporary_pattern(target: Path) -> re.Pattern[str]:
+    return re.compile(
+        rf"\.{re.escape(target.name)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.\w+\.tmp"
+    )
+
+
+def _process_alive(pid: int) -> bool:
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as err:
-        raise _write_error(target, err) from err
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp creates the file private (0600); give it the permissions a plain open() would.
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    except OverflowError:  # not a pid this system can have
+        return False
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries an earlier, killed writer of ``path`` left beside it.
+
+    Only this host's temporaries of this very target whose writer process no longer exists
+    are removed (a file, or a folder of a writer that makes its own temporaries, such as
+    safetensors); a live writer's are never touched. Returns what was removed.
+    """
+    target = Path(path)
+    pattern = _temporary_pattern(target)
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or match["host"] != _HOST or int(match["pid"]) == os.getpid():
+            continue
+        if _process_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+    if removed:
+        logger.info("removed %d temporary file(s) a killed writer of %s left", len(removed), target)
+    return removed
+
+
+def _umask_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file (0666 less the umask)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, private_folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    Args:
+        path: the file to write.
+        private_folder: yield a path inside a temporary folder of its own, for writers that
+            make temporaries of their own beside the file they are given (safetensors writes
+            to a ``.tmpXXXXXX`` file in that folder, then renames it): a crash then leaves
+            everything inside the one folder, which a later write removes.
+
+    The temporary's name carries this process's id; temporaries of the same target left by
+    a writer that was killed are removed first (:func:`remove_stale_temporaries`). The file
+    gets the mode a plain ``open()`` would give it, whoever created it.
+    """
+    target = Path(path)
+    ensure_writable(target)
+    prefix = f".{target.name}.{_HOST}.{os.getpid()}."
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
+        if private_folder:
+            holder = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=target.parent))
+            tmp_path = holder / target.name
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            holder = tmp_path = Path(tmp)
+    except OSError as err:
+        raise _write_error(target, err) from err
     try:
         yield tmp_path
+        # mkstemp (and safetensors' own temporary) create files private (0600).
+        os.chmod(tmp_path, _umask_mode())
         os.replace(tmp_path, target)
     except OSError as err:
         raise _write_error(target, err) from err
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            if private_folder:
+                shutil.rmtree(holder)
+            else:
+                holder.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

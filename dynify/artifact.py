@@ -4,11 +4,21 @@ The weights are stored as safetensors; the metadata holds what is needed to rebu
 module tree: the timm model name and keyword arguments, the resolved plan (which convs are
 dynamic and how), and the dynify, timm and torch versions that wrote it. Last step of the
 data flow (... -> swap -> fine-tune -> artifact).
+
+An artifact is untrusted input: loading one builds the named timm architecture with random
+weights and reads the file's own tensors, nothing else. It never runs code, fetches a URL or
+reads or writes another file. So the metadata is validated before anything is built: the
+model name must be a timm name, the plan is checked field by field like a recipe, and the
+keyword arguments for ``timm.create_model`` are limited to :data:`MODEL_KWARGS` (what
+changes the architecture's shape, never where weights come from: ``pretrained``,
+``pretrained_cfg_overlay``, ``checkpoint_path``, ``cache_dir`` and the rest are refused, by
+``save`` too, so that no artifact ``load`` would refuse is ever written).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,12 +29,103 @@ from torch import nn
 from dynify._io import atomic_path
 from dynify._version import __version__
 from dynify.convert import apply, model_name_of, plan_of
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, did_you_mean
+from dynify.models import check_model_name, shorten
 from dynify.plan import Plan
 
-__all__ = ["FORMAT", "ArtifactInfo", "load", "read_info", "save"]
+__all__ = [
+    "FORMAT",
+    "MODEL_KWARGS",
+    "ArtifactInfo",
+    "check_model_kwargs",
+    "load",
+    "read_info",
+    "save",
+]
 
 FORMAT = "dynify.artifact/1"
+
+# timm's global pooling types (timm.layers.SelectAdaptivePool2d, and the token / map pools
+# of the transformer families).
+GLOBAL_POOLS: tuple[str, ...] = (
+    "",
+    "avg",
+    "max",
+    "avgmax",
+    "catavgmax",
+    "fast",
+    "fastavg",
+    "fastmax",
+    "fastavgmax",
+    "fastcatavgmax",
+    "token",
+    "map",
+)
+
+# Bounds far above any timm model (resnet200 has 36 blocks in a stage), so that building
+# the architecture's skeleton to price it (see load) never loops for long.
+_MAX_STAGES = 16
+_MAX_BLOCKS = 1024
+
+# What each kind of accepted keyword argument must be.
+_KIND_TEXT = {
+    "count": "a positive integer",
+    "counts": f"a list of 1 to {_MAX_STAGES} positive integers",
+    "blocks": f"a list of 1 to {_MAX_STAGES} integers from 1 to {_MAX_BLOCKS}",
+    "rate": "a number in [0, 1)",
+    "multiplier": "a finite number > 0",
+    "pool": f"one of {', '.join(repr(p) for p in GLOBAL_POOLS)}",
+    "output_stride": "8, 16 or 32",
+}
+
+# The keyword arguments an artifact may pass to timm.create_model, by kind: what dynify's
+# commands pass (num_classes, in_chans), what a fine-tuned model was built with (pooling,
+# dropout rates: no tensors, but the model should train as saved), and the architecture
+# sizes timm's families take (the tests' tiny test_resnet uses channels and stem_width).
+# Nothing that names a file, a URL, a cache or a source of weights.
+MODEL_KWARGS: dict[str, str] = {
+    "num_classes": "count",
+    "in_chans": "count",
+    "global_pool": "pool",
+    "drop_rate": "rate",
+    "drop_path_rate": "rate",
+    "drop_block_rate": "rate",
+    "output_stride": "output_stride",
+    "stem_width": "count",
+    "channels": "counts",
+    "layers": "blocks",
+    "depths": "blocks",
+    "embed_dim": "count",
+    "channel_multiplier": "multiplier",
+    "depth_multiplier": "multiplier",
+    "width_multiplier": "multiplier",
+}
+
+
+def _valid_kwarg(kind: str, value: Any) -> bool:
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "count":
+        return count(value)
+    if kind in ("counts", "blocks"):
+        if not (isinstance(value, list) and 1 <= len(value) <= _MAX_STAGES):
+            return False
+        return all(count(v) and (kind == "counts" or v <= _MAX_BLOCKS) for v in value)
+    if kind == "rate":
+        return number and math.isfinite(value) and 0 <= value < 1
+    if kind == "multiplier":
+        return number and math.isfinite(value) and value > 0
+    if kind == "pool":
+        return isinstance(value, str) and value in GLOBAL_POOLS
+    return count(value) and value in (8, 16, 32)  # output_stride
+
+
+# The safetensors header (the metadata plus the tensor index) of an artifact: a plan takes
+# about 750 bytes a conv, so 16 MiB is ample for any timm model and keeps a hostile file
+# from making read_info parse a hundred megabytes.
+MAX_HEADER_BYTES = 16 * 2**20
 
 
 class ArtifactInfo(dict):
@@ -50,7 +151,8 @@ def save(
         path: the file to write; it appears only once complete (temporary name + rename).
         model_name: the timm name (default: the model's ``pretrained_cfg`` architecture).
         model_kwargs: keyword arguments for ``timm.create_model`` (default: the model's
-            ``num_classes``, and ``in_chans`` when the image is not RGB).
+            ``num_classes``, and ``in_chans`` when the image is not RGB); only the keys of
+            :data:`MODEL_KWARGS`, so that ``load`` never fetches or reads anything else.
         extra: more JSON-serialisable metadata to keep beside (e.g. training results).
     """
     import timm
@@ -61,6 +163,8 @@ def save(
     if not name:
         raise DynifyError("cannot tell which timm model this is: pass model_name= (the timm name)")
     kwargs = dict(model_kwargs or {})
+    check_model_kwargs(kwargs, where="model_kwargs")
+    check_model_name(name, where="model_name")
     if "num_classes" not in kwargs and isinstance(getattr(model, "num_classes", None), int):
         kwargs["num_classes"] = model.num_classes
     in_chans = _input_channels(plan)
@@ -77,7 +181,9 @@ def save(
         "extra": json.dumps(extra or {}),
     }
     target = Path(path)
-    with atomic_path(target) as tmp:
+    # safetensors writes a temporary of its own beside the file it is given: a private
+    # folder keeps it where a later write finds it if this process is killed.
+    with atomic_path(target, private_folder=True) as tmp:
         save_model(model, str(tmp), metadata=metadata)
     return target
 
@@ -88,38 +194,156 @@ def _input_channels(plan: Plan) -> int | None:
     return None if first is None else first.in_channels
 
 
+def check_model_kwargs(kwargs: Any, *, where: str) -> dict[str, Any]:
+    """Check ``kwargs`` holds only :data:`MODEL_KWARGS`, each of the type it needs.
+
+    Raises:
+        DynifyError: one line naming ``where``, the key and what is accepted.
+    """
+    if not isinstance(kwargs, dict):
+        raise DynifyError(
+            f"{where}: expected a mapping of timm.create_model arguments, got {_kind(kwargs)}"
+        )
+    accepted = ", ".join(MODEL_KWARGS)
+    for key, value in kwargs.items():
+        if key not in MODEL_KWARGS:
+            raise DynifyError(
+                f"{where}: {key!r} is not accepted{did_you_mean(str(key), MODEL_KWARGS)}: an "
+                f"artifact only rebuilds an architecture, from the keys {accepted}"
+            )
+        kind = MODEL_KWARGS[key]
+        if not _valid_kwarg(kind, value):
+            raise DynifyError(f"{where}: {key} must be {_KIND_TEXT[kind]}, got {value!r}")
+    return kwargs
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__ if not isinstance(value, str) else repr(value)
+
+
+def _header_bytes(path: Path) -> int:
+    """The length of a safetensors file's JSON header (its first 8 bytes, little-endian)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        return -1
+    return int.from_bytes(head, "little")
+
+
+def _json_field(
+    meta: dict[str, str], key: str, where: str, expected: type, default: Any = None
+) -> Any:
+    """One JSON-encoded metadata field, decoded and of the ``expected`` type."""
+    if key not in meta:
+        if default is not None:
+            return default
+        raise DynifyError(f"{where}: damaged dynify metadata: {key!r} is missing")
+    try:
+        value = json.loads(meta[key])
+    except (json.JSONDecodeError, RecursionError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+        raise DynifyError(
+            f"{where}: damaged dynify metadata: {key!r} is not JSON ({reason})"
+        ) from None
+    if not isinstance(value, expected):
+        raise DynifyError(
+            f"{where}: damaged dynify metadata: {key!r} must be a JSON "
+            f"{'object' if expected is dict else expected.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
 def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
-    """The metadata of an artifact, without loading its weights."""
+    """The metadata of an artifact, validated, without loading its weights.
+
+    Raises:
+        DynifyError: one line when the file is not an artifact, or its metadata is damaged
+            or asks for anything but an architecture (see the module documentation).
+    """
     from safetensors import safe_open
 
     p = Path(path)
     if not p.is_file():
         raise DynifyError(f"artifact {str(p)!r}: no such file")
+    where = repr(str(p))
+    try:
+        header = _header_bytes(p)
+    except OSError as err:
+        raise DynifyError(f"artifact {where}: cannot read it ({err.strerror or err})") from None
+    if not 0 < header <= p.stat().st_size - 8:  # safetensors would refuse it too
+        raise DynifyError(
+            f"{where} is not a safetensors file (its header length does not fit the file); "
+            f"expected an artifact written by 'dynify convert' or dynify.save"
+        )
+    if header > MAX_HEADER_BYTES:
+        raise DynifyError(
+            f"{where}: its safetensors header is {header / 2**20:,.0f} MiB, more than the "
+            f"{MAX_HEADER_BYTES // 2**20} MiB a dynify artifact needs; not a dynify artifact"
+        )
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as err:
         raise DynifyError(
-            f"{str(p)!r} is not a safetensors file ({type(err).__name__}); expected an "
+            f"{where} is not a safetensors file ({type(err).__name__}); expected an "
             f"artifact written by 'dynify convert' or dynify.save"
         ) from None
     if meta.get("format") != FORMAT:
         raise DynifyError(
-            f"{str(p)!r} is not a dynify artifact (metadata format {meta.get('format')!r}, "
+            f"{where} is not a dynify artifact (metadata format {meta.get('format')!r}, "
             f"expected {FORMAT!r})"
         )
+    for key in ("model_name", "model_kwargs", "plan"):
+        if key not in meta:
+            raise DynifyError(f"{where}: damaged dynify metadata: {key!r} is missing")
+    model_name = check_model_name(meta["model_name"], where=f"{where}: model_name")
+    kwargs = _json_field(meta, "model_kwargs", where, dict)
+    check_model_kwargs(kwargs, where=f"{where}: model_kwargs")
+    plan = _json_field(meta, "plan", where, dict)
+    Plan.from_dict(plan, source=f"{where}: plan")  # validated here, parsed again on use
+    return ArtifactInfo(
+        model_name=model_name,
+        model_kwargs=kwargs,
+        plan=plan,
+        dynify_version=meta.get("dynify_version"),
+        timm_version=meta.get("timm_version"),
+        torch_version=meta.get("torch_version"),
+        extra=_json_field(meta, "extra", where, dict, default={}),
+    )
+
+
+def _check_architecture_size(info: ArtifactInfo, path: Path) -> None:
+    """Refuse metadata whose architecture is far bigger than the file's own tensors (a
+    ``num_classes`` of a billion), before allocating it: the architecture is first built
+    on the meta device, which costs no memory.
+
+    An honest artifact holds every parameter and persistent buffer of the converted model,
+    which has at least the unconverted model's; twice the file plus 64 MiB leaves room for
+    non-persistent buffers (index tables) that the file does not store.
+    """
+    import timm
+
+    from dynify.convert import available_memory
+
     try:
-        return ArtifactInfo(
-            model_name=meta["model_name"],
-            model_kwargs=json.loads(meta["model_kwargs"]),
-            plan=json.loads(meta["plan"]),
-            dynify_version=meta.get("dynify_version"),
-            timm_version=meta.get("timm_version"),
-            torch_version=meta.get("torch_version"),
-            extra=json.loads(meta.get("extra", "{}")),
+        with torch.device("meta"):
+            skeleton = timm.create_model(
+                info["model_name"], pretrained=False, **info["model_kwargs"]
+            )
+    except Exception:  # the real build below reports what is wrong
+        return
+    tensors = [*skeleton.parameters(), *skeleton.buffers()]
+    need = sum(t.numel() * t.element_size() for t in tensors)
+    file_bytes = path.stat().st_size
+    available = available_memory(torch.device("cpu"))
+    if need > 2 * file_bytes + 2**26 or (available is not None and need > available):
+        have = f"; this machine has {available / 2**30:,.1f} GiB available" if available else ""
+        raise DynifyError(
+            f"{str(path)!r}: the metadata describe a {info['model_name']} "
+            f"{info['model_kwargs']} of {need / 2**30:,.1f} GiB before conversion, but the "
+            f"file holds {file_bytes / 2**30:,.2f} GiB of weights{have}; not this file's "
+            "model (damaged or forged metadata)"
         )
-    except (KeyError, json.JSONDecodeError) as err:
-        raise DynifyError(f"{str(p)!r}: damaged dynify metadata ({err})") from None
 
 
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> nn.Module:
@@ -129,13 +353,16 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     from dynify.models import create_model
 
     info = read_info(path)
-    model = create_model(info["model_name"], **info["model_kwargs"])
+    _check_architecture_size(info, Path(path))
+    # Never pretrained: the file's own tensors are the weights (read_info refused any other
+    # source of weights in model_kwargs).
+    model = create_model(info["model_name"], pretrained=False, **info["model_kwargs"])
     model = apply(model, info.plan, inplace=True, check=False)
     try:
         load_model(model, str(path), strict=True, device=str(device))
     except RuntimeError as err:
         raise DynifyError(
             f"{str(path)!r}: weights do not fit {info['model_name']} as planned "
-            f"({str(err).splitlines()[0][:200]})"
+            f"({shorten(str(err), 300)})"
         ) from None
     return model.to(device)

@@ -18,7 +18,38 @@ from torch import nn
 
 from dynify.errors import DynifyError
 
-__all__ = ["create_model", "load_checkpoint_into", "parse_input_size"]
+__all__ = [
+    "check_model_name",
+    "create_model",
+    "hub_reachable",
+    "load_checkpoint_into",
+    "parse_input_size",
+    "shorten",
+]
+
+# How long the connectivity check before a pretrained download waits for the hub: a
+# reachable hub answers a TCP connect in well under a second; an offline machine would
+# otherwise spend about 50 s in huggingface_hub's retries.
+HUB_CONNECT_TIMEOUT_S = 2.0
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary, with an ellipsis.
+
+    For error messages that quote another library's (possibly long) message: a cut never
+    falls mid-word, so what is left reads as words.
+    """
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    room = max(limit - 1, 1)  # one character for the ellipsis
+    if text[room] == " ":  # the cut falls between two words
+        head = text[:room]
+    elif " " in text[:room]:
+        head = text[:room].rsplit(" ", 1)[0]
+    else:  # one word longer than the limit: nothing better than cutting it
+        head = text[:room]
+    return head.rstrip(" ,;:(") + "…"
 
 
 def _close_names(name: str, n: int = 3) -> list[str]:
@@ -29,6 +60,63 @@ def _close_names(name: str, n: int = 3) -> list[str]:
     if not close:
         close = [m for m in names if name.lower() in m.lower()][:n]
     return close
+
+
+def check_model_name(name: Any, *, where: str | None = None) -> str:
+    """Return ``name`` if it is a timm model name; else one line with the closest names.
+
+    Args:
+        where: what the message names first (e.g. the file the name was read from).
+    """
+    import timm
+
+    if isinstance(name, str) and timm.is_model(name):
+        return name
+    close = _close_names(name) if isinstance(name, str) else []
+    hint = f"; closest timm names: {', '.join(close)}" if close else ""
+    prefix = f"{where}: " if where else ""
+    raise DynifyError(f"{prefix}unknown model {name!r}{hint} (see timm.list_models())")
+
+
+def _hub_offline_setting() -> str | None:
+    """The environment variable that puts huggingface_hub offline, if one is set (it then
+    reads its cache only, as ``huggingface_hub.constants`` does)."""
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return variable
+    return None
+
+
+def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``'s host, else
+    huggingface.co, port 443) opens within about ``timeout`` seconds, name lookup included.
+
+    Behind a proxy (``HTTPS_PROXY`` / ``ALL_PROXY`` set) a direct connection says nothing,
+    so the hub is then taken as reachable and huggingface_hub decides.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    # The name lookup ignores the socket timeout; a daemon thread bounds it too.
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
 
 
 def create_model(
@@ -44,30 +132,51 @@ def create_model(
     Args:
         name: a timm model name (``timm.list_models()``).
         pretrained: download timm's pretrained weights (needs the network / a hub cache).
+            Offline (``HF_HUB_OFFLINE`` set, or the hub unreachable within
+            :data:`HUB_CONNECT_TIMEOUT_S`), this is one line at once rather than a minute
+            of retries.
         checkpoint: a checkpoint file to load (timm or plain state_dict format).
         num_classes: classifier width; default: the model's own.
     """
     import timm
 
-    if not timm.is_model(name):
-        close = _close_names(name)
-        hint = f"; closest timm names: {', '.join(close)}" if close else ""
-        raise DynifyError(f"unknown model {name!r}{hint} (see timm.list_models())")
+    check_model_name(name)
     if pretrained and checkpoint is not None:
         raise DynifyError("give either --pretrained or --checkpoint, not both")
     if num_classes is not None:
         if num_classes < 1:
             raise DynifyError(f"num_classes must be >= 1, got {num_classes}")
         kwargs["num_classes"] = num_classes
+    offline = _hub_offline_setting() if pretrained else None
+    if pretrained and offline is None and not hub_reachable():
+        raise DynifyError(
+            f"cannot get pretrained weights for {name!r}: the Hugging Face hub cannot be "
+            f"reached (no network?); pass --checkpoint FILE (weights downloaded elsewhere), "
+            f"or set HF_HUB_OFFLINE=1 to use weights already in the hub cache"
+        )
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        if not kwargs:
+            raise
+        # A keyword argument this architecture does not take (timm passes them on).
+        raise DynifyError(
+            f"model {name!r} does not accept these arguments {sorted(kwargs)} "
+            f"({shorten(str(err), 160)})"
+        ) from None
     except (OSError, RuntimeError, ValueError) as err:
-        if pretrained:
+        if not pretrained:
+            raise
+        if offline is not None:
             raise DynifyError(
-                f"could not get pretrained weights for {name!r} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:160]}); offline, use --checkpoint FILE instead"
+                f"cannot get pretrained weights for {name!r}: {offline} is set (offline) and "
+                f"they are not in the hub cache; pass --checkpoint FILE instead"
             ) from None
-        raise
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise DynifyError(
+            f"could not get pretrained weights for {name!r} ({type(err).__name__}: "
+            f"{shorten(first_line, 160)}); offline, use --checkpoint FILE instead"
+        ) from None
     if checkpoint is not None:
         load_checkpoint_into(model, checkpoint)
     return model

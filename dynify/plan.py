@@ -11,13 +11,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from dynify._opcount import OpCounts
+from dynify._opcount import CountedOp, OpCounts
+from dynify._yaml import Doc
 from dynify.errors import DynifyError
 from dynify.layers.attention import attention_hidden_width
-from dynify.recipe import LayerSettings, Recipe, Rule, Selector
+from dynify.recipe import LayerSettings, Recipe, Rule, Selector, parse_settings
 from dynify.trace import ConvSite, ModelTrace
 
-__all__ = ["LayerPlan", "Plan", "resolve_plan"]
+__all__ = ["LayerPlan", "Plan", "parse_plan", "resolve_plan"]
+
+PLAN_KEYS = (
+    "version",
+    "model_name",
+    "input_size",
+    "num_stages",
+    "recipe",
+    "fx_error",
+    "check_error",
+    "layers",
+    "op_counts",
+)
+LAYER_KEYS = ("site", "settings", "reason")
+SITE_KEYS = tuple(f.name for f in fields(ConvSite))
+OP_COUNTS_KEYS = ("ops", "params", "module_params")
 
 
 @dataclass(frozen=True)
@@ -63,12 +79,9 @@ class LayerPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerPlan:
-        return cls(
-            ConvSite.from_dict(data["site"]),
-            LayerSettings.from_dict(data["settings"]),
-            data["reason"],
-        )
+    def from_dict(cls, data: Any, *, source: str = "<plan layer>") -> LayerPlan:
+        """A layer as :meth:`to_dict` writes it, validated (see :meth:`Plan.from_dict`)."""
+        return _layer(Doc(data, source, {}), data, "")
 
 
 @dataclass
@@ -168,17 +181,14 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        return cls(
-            layers=[LayerPlan.from_dict(d) for d in data["layers"]],
-            input_size=tuple(data["input_size"]),  # type: ignore[arg-type]
-            num_stages=int(data.get("num_stages", 0)),
-            recipe=data.get("recipe"),
-            fx_error=data.get("fx_error"),
-            model_name=data.get("model_name"),
-            check_error=data.get("check_error"),
-            op_counts=OpCounts.from_dict(data["op_counts"]) if data.get("op_counts") else None,
-        )
+    def from_dict(cls, data: Any, *, source: str = "<plan>") -> Plan:
+        """A plan as :meth:`to_dict` writes it (an artifact's metadata), validated.
+
+        A plan read from a file is untrusted: every field's type and range is checked, as a
+        recipe's are, and an unknown or missing key is one line naming ``source`` and the
+        key path (``layers[3].settings.experts: expected an integer >= 1, got -1``).
+        """
+        return parse_plan(Doc(data, source, {}))
 
     def to_recipe(self, *, description: str | None = None) -> Recipe:
         """A recipe that reproduces exactly this plan on the same model.
@@ -255,3 +265,142 @@ def _reason(site: ConvSite, settings: LayerSettings, matched: list[int], recipe:
     found = "" if site.found_by == "fx" else ", found by hook"
     shared = f", called {site.calls}x" if site.calls > 1 else ""
     return f"{source}{found}{shared}"
+
+
+# -- validation of a plan read from a file ------------------------------------------------
+
+
+def parse_plan(doc: Doc) -> Plan:
+    """Validate a plan's dict form (``Plan.to_dict``) field by field, as a recipe is."""
+    top = _required(doc, doc.data, "", PLAN_KEYS, ("layers", "input_size"))
+    if "version" in top and top["version"] != 1:
+        raise doc.error("version", f"unsupported plan version {top['version']!r}; accepted: 1")
+    raw_layers = top["layers"]
+    if not isinstance(raw_layers, list):
+        raise doc.error("layers", f"expected a list of layers, got {type(raw_layers).__name__}")
+    check_error = _optional(doc, top, "check_error", lambda v, p: doc.number(v, p, minimum=0))
+    return Plan(
+        layers=[_layer(doc, raw, f"layers[{i}]") for i, raw in enumerate(raw_layers)],
+        input_size=_shape(doc, top["input_size"], "input_size"),
+        num_stages=doc.integer(top.get("num_stages", 0), "num_stages", minimum=0),
+        recipe=_optional(doc, top, "recipe", doc.string),
+        fx_error=_optional(doc, top, "fx_error", doc.string),
+        model_name=_optional(doc, top, "model_name", doc.string),
+        check_error=check_error,
+        op_counts=_optional(doc, top, "op_counts", lambda v, p: _op_counts(doc, v, p)),
+    )
+
+
+def _required(
+    doc: Doc, raw: Any, path: str, allowed: tuple[str, ...], required: tuple[str, ...]
+) -> dict[str, Any]:
+    """A mapping with only ``allowed`` keys and every one of ``required``."""
+    if raw is None:
+        raise doc.error(path, f"expected a mapping with keys {list(allowed)}, got null")
+    entry = doc.mapping(raw, path, allowed)
+    for key in required:
+        if key not in entry:
+            raise doc.error(f"{path}.{key}" if path else key, "missing (required)")
+    return entry
+
+
+def _optional(doc: Doc, entry: dict[str, Any], key: str, check: Any) -> Any:
+    value = entry.get(key)
+    return None if value is None else check(value, key)
+
+
+def _pair(doc: Doc, raw: Any, path: str, *, minimum: int) -> tuple[int, int]:
+    if not isinstance(raw, list | tuple) or len(raw) != 2:
+        raise doc.error(path, f"expected two integers >= {minimum}, got {raw!r}")
+    return tuple(doc.integer(v, f"{path}[{i}]", minimum=minimum) for i, v in enumerate(raw))  # type: ignore[return-value]
+
+
+def _shape(doc: Doc, raw: Any, path: str) -> tuple[int, int, int]:
+    if not isinstance(raw, list | tuple) or len(raw) != 3:
+        raise doc.error(path, f"expected three positive integers (C, H, W), got {raw!r}")
+    return tuple(doc.integer(v, f"{path}[{i}]", minimum=1) for i, v in enumerate(raw))  # type: ignore[return-value]
+
+
+def _layer(doc: Doc, raw: Any, path: str) -> LayerPlan:
+    entry = _required(doc, raw, path, LAYER_KEYS, LAYER_KEYS)
+    if not isinstance(entry["settings"], dict):  # null would silently mean the defaults
+        raise doc.error(f"{path}.settings", f"expected a mapping, got {entry['settings']!r}")
+    return LayerPlan(
+        _site(doc, entry["site"], f"{path}.site"),
+        parse_settings(doc, entry["settings"], f"{path}.settings"),
+        doc.string(entry["reason"], f"{path}.reason"),
+    )
+
+
+def _site(doc: Doc, raw: Any, path: str) -> ConvSite:
+    geometry = ("name", "type_name", "in_channels", "out_channels", "kernel_size", "stride")
+    entry = _required(
+        doc, raw, path, SITE_KEYS, (*geometry, "padding", "dilation", "groups", "bias")
+    )
+    kw: dict[str, Any] = {}
+    for key, value in entry.items():
+        sub = f"{path}.{key}"
+        if key in ("name", "type_name"):
+            kw[key] = doc.string(value, sub)
+        elif key in ("block", "unsupported"):
+            kw[key] = None if value is None else doc.string(value, sub)
+        elif key in ("in_channels", "out_channels", "groups"):
+            kw[key] = doc.integer(value, sub, minimum=1)
+        elif key in ("params", "calls"):
+            kw[key] = doc.integer(value, sub, minimum=0)
+        elif key == "stage":
+            kw[key] = None if value is None else doc.integer(value, sub, minimum=0)
+        elif key in ("kernel_size", "stride", "dilation"):
+            kw[key] = _pair(doc, value, sub, minimum=1)
+        elif key == "padding":
+            if isinstance(value, str):
+                kw[key] = doc.choice(value, sub, ("same", "valid"))
+            else:
+                kw[key] = _pair(doc, value, sub, minimum=0)
+        elif key in ("input_shape", "output_shape"):
+            kw[key] = None if value is None else _shape(doc, value, sub)
+        elif key == "found_by":
+            kw[key] = doc.choice(value, sub, ("fx", "hook"))
+        else:  # bias, stem, first_in_block, last_in_block, classifier
+            kw[key] = doc.boolean(value, sub)
+    for key in ("in_channels", "out_channels"):
+        if kw[key] % kw["groups"]:
+            raise doc.error(
+                f"{path}.groups", f"{key} {kw[key]} is not divisible by groups {kw['groups']}"
+            )
+    return ConvSite(**kw)
+
+
+def _op_counts(doc: Doc, raw: Any, path: str) -> OpCounts:
+    entry = _required(doc, raw, path, OP_COUNTS_KEYS, ("ops", "params"))
+    ops = entry["ops"]
+    if not isinstance(ops, list):
+        raise doc.error(f"{path}.ops", f"expected a list, got {type(ops).__name__}")
+    counted = []
+    for i, op in enumerate(ops):
+        sub = f"{path}.ops[{i}]"
+        if not isinstance(op, list) or len(op) != 5:
+            raise doc.error(sub, f"expected [module, op, macs, batched, in_conv], got {op!r}")
+        module, name, macs, batched, in_conv = op
+        counted.append(
+            CountedOp(
+                doc.string(module, f"{sub}[0]"),
+                doc.string(name, f"{sub}[1]"),
+                doc.integer(macs, f"{sub}[2]", minimum=0),
+                doc.boolean(batched, f"{sub}[3]"),
+                doc.boolean(in_conv, f"{sub}[4]"),
+            )
+        )
+    module_params = entry.get("module_params") or {}
+    if not isinstance(module_params, dict):
+        raise doc.error(f"{path}.module_params", "expected a mapping of module names to counts")
+    return OpCounts(
+        ops=tuple(counted),
+        params=doc.integer(entry["params"], f"{path}.params", minimum=0),
+        module_params={
+            doc.string(k, f"{path}.module_params"): doc.integer(
+                v, f"{path}.module_params.{k}", minimum=0
+            )
+            for k, v in module_params.items()
+        },
+    )

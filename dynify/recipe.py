@@ -75,6 +75,7 @@ __all__ = [
     "Rule",
     "Selector",
     "load_recipe",
+    "parse_settings",
 ]
 
 DEFAULT_RECIPE = "dycnn"
@@ -173,13 +174,9 @@ class LayerSettings:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerSettings:
-        data = dict(data)
-        if "init" not in data and data.get("noise"):
-            data["init"] = "perturb"  # a plan saved before inits existed: built that way
-        if isinstance(data.get("temperature"), dict):
-            data["temperature"] = TemperatureSchedule.from_dict(data["temperature"])
-        return cls(**data)
+    def from_dict(cls, data: Any, *, source: str = "<settings>") -> LayerSettings:
+        """Settings as :meth:`to_dict` writes them, validated (see :func:`parse_settings`)."""
+        return parse_settings(Doc(data, source, {}), data, "")
 
 
 @dataclass(frozen=True)
@@ -425,6 +422,18 @@ def _settings(doc: Doc, raw: Any, path: str, keys: tuple[str, ...]) -> dict[str,
         elif key == "temperature":
             out[key] = _temperature(doc, value, sub)
     return out
+
+
+def parse_settings(doc: Doc, raw: Any, path: str) -> LayerSettings:
+    """One conv's resolved settings (a plan's ``settings``), every field checked as in a
+    recipe; one line naming ``path`` and the key at fault otherwise."""
+    values = _settings(doc, raw, path, SETTING_KEYS)
+    if "init" not in values and values.get("noise"):
+        values["init"] = "perturb"  # a plan saved before inits existed: built that way
+    settings = LayerSettings(**values)
+    if settings.convert:
+        _check_noise(doc, path, settings.noise, settings.init)
+    return settings
 
 
 def _check_noise(doc: Doc, path: str, noise: float | None, init: str) -> None:
