@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 
 from dynify._version import __version__
 from dynify.errors import DynifyError
 
-__all__ = ["main"]
+__all__ = ["interrupted", "main"]
 
 # Command modules, in the order ``--help`` lists them. Later issues append here.
 COMMANDS: tuple[str, ...] = ("convert", "inspect", "finetune", "search")
@@ -40,19 +41,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    # Everything, the parser and its imports included, runs inside the handlers: a Ctrl-C or
+    # a bad input at any moment is one line on stderr, never a traceback.
+    prog = "dynify"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        prog = f"dynify {args.command}"
         return int(args.run(args) or 0)
     except DynifyError as err:
-        print(f"dynify {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"dynify {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return interrupted(prog)
+
+
+def interrupted(prog: str = "dynify") -> int:
+    """Say that the command was interrupted, in one line; the exit status for it (130, as a
+    shell reports a process ended by SIGINT)."""
+    # A second Ctrl-C while Python shuts down would print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
