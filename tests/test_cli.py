@@ -148,3 +148,152 @@ def test_ctrl_c_early_is_one_line_and_130(tmp_path: Path, launcher: list[str], d
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == ["dynify convert: interrupted"], err
     assert list(tmp_path.iterdir()) == []
+
+
+# -- 3. numeric flags, 7. outputs: refused in one line before any work -----------------------
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Building a model, reading data or an artifact fails the test: the refusal must come
+    first. Runs in an empty folder, returned (nothing may be created in it)."""
+    import dynify.artifact
+    import dynify.models
+    import dynify.train
+    import dynify.train.data
+
+    def work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started before the bad input was refused")
+
+    monkeypatch.setattr(dynify.models, "create_model", work)
+    monkeypatch.setattr(dynify.artifact, "load", work)
+    monkeypatch.setattr(dynify.artifact, "read_info", work)
+    monkeypatch.setattr(dynify.train, "load_data", work)
+    monkeypatch.setattr(dynify.train.data, "load_data", work)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _refused(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    from dynify.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"dynify {argv[0]}: error: "), err
+    return lines[0]
+
+
+FINETUNE = ["finetune", "test_resnet", "--data", "imgs", "--epochs", "1"]
+CONVERT = ["convert", "resnet18"]
+INSPECT = ["inspect", "resnet18"]
+
+BAD_NUMBERS = [
+    (CONVERT, ["--num-classes", "0"], "--num-classes must be >= 1, got 0"),
+    (CONVERT, ["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (INSPECT, ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (INSPECT, ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (INSPECT, ["--num-classes", "-3"], "--num-classes must be >= 1, got -3"),
+    (INSPECT, ["--routing-images", "0"], "--routing-images must be >= 1, got 0"),
+    (INSPECT, ["--img-size", "0"], "--img-size must be >= 1, got 0"),
+    (FINETUNE[:-1], ["0"], "--epochs must be >= 1, got 0"),
+    (FINETUNE[:-1], ["-2"], "--epochs must be >= 1, got -2"),
+    (FINETUNE, ["--workers", "-1"], "--workers must be >= 0, got -1"),
+    (FINETUNE, ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (FINETUNE, ["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (FINETUNE, ["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
+    (FINETUNE, ["--lr", "nan"], "--lr must be > 0, got nan"),
+    (FINETUNE, ["--img-size", "0"], "--img-size must be >= 1, got 0"),
+    (FINETUNE, ["--crop-pct", "0"], "--crop-pct must be in (0, 1], got 0.0"),
+    (FINETUNE, ["--crop-pct", "1.5"], "--crop-pct must be in (0, 1], got 1.5"),
+    (FINETUNE, ["--aug-scale", "0", "1"], "--aug-scale must be in (0, 1], got 0.0"),
+    (FINETUNE, ["--aug-scale", "0.5", "2"], "--aug-scale must be in (0, 1], got 2.0"),
+    (FINETUNE, ["--aug-scale", "0.9", "0.5"], "--aug-scale 0.9 0.5: MIN must be <= MAX"),
+    (FINETUNE, ["--train-images", "0"], "--train-images must be >= 1, got 0"),
+    (FINETUNE, ["--val-images", "-5"], "--val-images must be >= 1, got -5"),
+    (FINETUNE, ["--holdout", "0"], "--holdout must be in (0, 1), got 0.0"),
+    (FINETUNE, ["--holdout", "1"], "--holdout must be in (0, 1), got 1.0"),
+    (FINETUNE, ["--weight-decay=-1e-4"], "--weight-decay must be >= 0, got -0.0001"),
+    (FINETUNE, ["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0, got -1"),
+    (FINETUNE, ["--smoothing", "1"], "--smoothing must be in [0, 1), got 1.0"),
+    (FINETUNE, ["--smoothing", "-0.1"], "--smoothing must be in [0, 1), got -0.1"),
+    (FINETUNE, ["--clip-grad", "0"], "--clip-grad must be > 0, got 0.0"),
+    (FINETUNE, ["--distill-weight", "1.5"], "--distill-weight must be in [0, 1], got 1.5"),
+    (FINETUNE, ["--distill-temperature", "0"], "--distill-temperature must be > 0, got 0.0"),
+    (FINETUNE, ["--routing-images", "-1"], "--routing-images must be >= 0, got -1"),
+    (FINETUNE, ["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (FINETUNE, ["--num-classes", "0"], "--num-classes must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "message"),
+    BAD_NUMBERS,
+    ids=[f"{c[0]}{' '.join(f)}" for c, f, _ in BAD_NUMBERS],
+)
+def test_nonsensical_numbers_are_refused_before_work(
+    capsys, no_work: Path, command: list[str], flag: list[str], message: str
+) -> None:
+    line = _refused(capsys, [*command, *flag])
+    assert line.endswith(message), line
+    assert list(no_work.iterdir()) == []
+
+
+def test_library_refuses_negative_workers_and_lr(tmp_path: Path) -> None:
+    from torch import nn
+
+    from dynify.errors import DynifyError
+    from dynify.train import evaluate, finetune
+
+    model = nn.Linear(2, 2)
+    with pytest.raises(DynifyError, match=r"workers must be an integer >= 0.*got -1"):
+        finetune(model=model, data=tmp_path, epochs=1, workers=-1)
+    with pytest.raises(DynifyError, match=r"workers must be an integer >= 0.*got -1"):
+        evaluate(model=model, data=tmp_path, workers=-1)
+    with pytest.raises(DynifyError, match=r"lr must be a finite number > 0, got -1"):
+        finetune(model=model, data=tmp_path, epochs=1, lr=-1, workers=0)
+
+
+def _in_the_way(root: Path) -> dict[str, Path]:
+    """A folder, a regular file, and a path under that file."""
+    (root / "folder").mkdir()
+    (root / "file").write_text("in the way\n")
+    return {"folder": root / "folder", "file": root / "file", "under": root / "file" / "x"}
+
+
+OUTPUTS = [
+    (["convert", "resnet18", "--output"], "folder", "is a folder; give a file name"),
+    (["convert", "resnet18", "--output"], "under", "is a file, not a folder"),
+    (["convert", "--from", "a.safetensors", "--output"], "folder", "is a folder"),
+    (["finetune", "test_resnet", "--data", "d", "--epochs", "1", "--output"], "file", "is a file"),
+    (["finetune", "test_resnet", "--data", "d", "--epochs", "1", "--output"], "under", "a file,"),
+    (["inspect", "a.safetensors", "--data", "d", "--plot"], "folder", "is a folder"),
+    (["inspect", "a.safetensors", "--data", "d", "--plot"], "under", "is a file, not a folder"),
+]
+
+
+@pytest.mark.parametrize(("argv", "where", "message"), OUTPUTS)
+def test_outputs_are_checked_before_any_work(
+    capsys, no_work: Path, argv: list[str], where: str, message: str
+) -> None:
+    paths = _in_the_way(no_work)
+    before = sorted(str(p.relative_to(no_work)) for p in no_work.rglob("*"))
+    start = time.perf_counter()
+    line = _refused(capsys, [*argv, str(paths[where])])
+    assert time.perf_counter() - start < 5
+    flag = argv[-1]
+    assert f"{flag} {str(paths[where])!r}" in line and message in line, line
+    assert sorted(str(p.relative_to(no_work)) for p in no_work.rglob("*")) == before
+    assert (no_work / "file").read_text() == "in the way\n"
+
+
+def test_default_outputs_are_checked_too(capsys, no_work: Path) -> None:
+    # convert's default <model>.dynify.safetensors and finetune's runs/<model>-<recipe>.
+    (no_work / "resnet18.dynify.safetensors").mkdir()
+    line = _refused(capsys, ["convert", "resnet18"])
+    assert "--output 'resnet18.dynify.safetensors' is a folder" in line
+    (no_work / "runs").write_text("")
+    line = _refused(capsys, ["finetune", "test_resnet", "--data", "d", "--epochs", "1"])
+    assert "--output 'runs/test_resnet-dycnn'" in line and "is a file, not a folder" in line
