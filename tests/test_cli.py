@@ -297,3 +297,25 @@ def test_default_outputs_are_checked_too(capsys, no_work: Path) -> None:
     (no_work / "runs").write_text("")
     line = _refused(capsys, ["finetune", "test_resnet", "--data", "d", "--epochs", "1"])
     assert "--output 'runs/test_resnet-dycnn'" in line and "is a file, not a folder" in line
+
+
+def test_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
+    # ``dynify convert ... | head -0``: the reader is gone before the plan (more than a pipe
+    # buffer's worth) is printed.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dynify", "convert", "resnet18", "--input-size", "3,32,32"],
+            cwd=tmp_path,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=_env(),
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1
+    assert list(tmp_path.iterdir()) == []  # stopped at the plan, before the artifact

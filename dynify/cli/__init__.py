@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -109,6 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return interrupted(prog)
+    except BrokenPipeError:
+        # Whoever read stdout has gone (``dynify convert ... | head``): stop quietly, and
+        # keep Python from failing again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def interrupted(prog: str = "dynify") -> int:

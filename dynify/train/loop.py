@@ -736,7 +736,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy of ``model`` on the
     validation split of ``data`` (the same split, transforms and counting as
-    :func:`finetune`'s evaluation; under torchrun the processes share the images).
+    :func:`finetune`'s evaluation given the same ``img_size`` and ``crop_pct``; both default
+    to the model's ``pretrained_cfg``, not to what a training run used; under torchrun the
+    processes share the images).
 
     Returns ``{"val_loss", "val_top1", "val_top5", "images"}``.
     """
