@@ -143,7 +143,10 @@ CONSOLE_SCRIPT = "import sys; from dynify.cli import main; sys.exit(main())"
 def test_ctrl_c_early_is_one_line_and_130(tmp_path: Path, launcher: list[str], delay: float):
     argv = [*launcher, "convert", "resnet18", "--input-size", "3,32,32"]
     code, err = _interrupt(argv, delay=delay, cwd=tmp_path)
-    assert code == 130, err
+    # 130, or ended by SIGINT itself, which a shell reports as 130 too: after an interrupt at
+    # some points of torch's import (seen about 2 s in), Python ends itself that way at exit
+    # although dynify caught the KeyboardInterrupt and printed its line.
+    assert code in (130, -signal.SIGINT), err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == ["dynify convert: interrupted"], err
