@@ -6,20 +6,29 @@ The data flow: timm model -> :func:`trace_model` (fx, shapes, positions) -> :fun
 :func:`routing_report` measures whether the converted layers route.
 
 The public API is what this module exports; modules whose names start with an underscore
-are private.
+are private. The names are imported on first use (PEP 562), so ``import dynify`` (and the
+command line's ``--help``) does not pay for importing torch and timm.
 """
 
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
 from dynify._version import __version__
-from dynify.artifact import load, save
-from dynify.convert import apply, make_plan, plan_of
-from dynify.errors import DynifyError
-from dynify.layers import DynamicConv2d, KernelAttention
-from dynify.layers.dynamic_conv_same import DynamicConv2dSame
-from dynify.plan import LayerPlan, Plan, resolve_plan
-from dynify.recipe import LayerSettings, Recipe, load_recipe
-from dynify.routing import LayerRouting, RoutingReport, routing_report
-from dynify.schedule import TemperatureSchedule, TemperatureScheduler
-from dynify.trace import ConvSite, ModelTrace, trace_model
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these
+    from dynify.artifact import load, save
+    from dynify.convert import apply, make_plan, plan_of
+    from dynify.errors import DynifyError
+    from dynify.layers import DynamicConv2d, KernelAttention
+    from dynify.layers.dynamic_conv_same import DynamicConv2dSame
+    from dynify.plan import LayerPlan, Plan, resolve_plan
+    from dynify.recipe import LayerSettings, Recipe, load_recipe
+    from dynify.routing import LayerRouting, RoutingReport, routing_report
+    from dynify.schedule import TemperatureSchedule, TemperatureScheduler
+    from dynify.trace import ConvSite, ModelTrace, trace_model
 
 __all__ = [
     "ConvSite",
@@ -47,3 +56,39 @@ __all__ = [
     "save",
     "trace_model",
 ]
+
+# The module that defines each public name (the imports above, for run time).
+_SOURCES: dict[str, str] = {
+    name: module
+    for module, names in {
+        "dynify.artifact": ("load", "save"),
+        "dynify.convert": ("apply", "make_plan", "plan_of"),
+        "dynify.errors": ("DynifyError",),
+        "dynify.layers": ("DynamicConv2d", "KernelAttention"),
+        "dynify.layers.dynamic_conv_same": ("DynamicConv2dSame",),
+        "dynify.plan": ("LayerPlan", "Plan", "resolve_plan"),
+        "dynify.recipe": ("LayerSettings", "Recipe", "load_recipe"),
+        "dynify.routing": ("LayerRouting", "RoutingReport", "routing_report"),
+        "dynify.schedule": ("TemperatureSchedule", "TemperatureScheduler"),
+        "dynify.trace": ("ConvSite", "ModelTrace", "trace_model"),
+    }.items()
+    for name in names
+}
+
+
+def __getattr__(name: str) -> Any:
+    source = _SOURCES.get(name)
+    if source is not None:
+        value = getattr(importlib.import_module(source), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+        # A public submodule (``dynify.artifact.read_info``): importing the package used to
+        # import most of them, and code written against that keeps working.
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

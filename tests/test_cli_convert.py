@@ -92,6 +92,23 @@ def test_convert_prints_plan_checks_and_writes(capsys, tmp_path: Path) -> None:
     assert float((y - y0).abs().max() / y0.abs().max()) <= 1e-4
 
 
+def test_costs_are_counted_at_the_input_size_asked(capsys, tmp_path: Path) -> None:
+    from dynify import cost
+
+    out_path = tmp_path / "r18.safetensors"
+    code, out, err = run_cli(capsys, "resnet18", "--input-size", "3,32,32", "--output",
+                             str(out_path))  # fmt: skip
+    assert code == 0, err
+    macs = next(line.split() for line in out.splitlines() if line.startswith("MACs "))
+    # The reference: the unconverted model counted at 32x32 (not its default 224x224).
+    static = cost.count(timm.create_model("resnet18"), input_size=(3, 32, 32)).macs
+    converted = cost.count(dynify.load(out_path), input_size=(3, 32, 32)).macs
+    assert " ".join(macs[1:3]) == cost.format_count(static), out
+    assert " ".join(macs[3:5]) == cost.format_count(converted), out
+    # Converting adds the attention and the kernel mixing: more, never fewer, MACs.
+    assert static < converted < 3 * static
+
+
 def test_from_artifact_rebuilds_and_rewrites(capsys, tmp_path: Path) -> None:
     first = tmp_path / "a.safetensors"
     assert run_cli(capsys, "resnet18", "--recipe", "mobile", "--output", str(first), *SMALL)[0] == 0
@@ -171,7 +188,7 @@ def test_misspelt_recipe_key_from_the_command_line(tmp_path: Path) -> None:
         (["resnet18", "--recipe", "mobil"], "did you mean 'mobile'"),
         (["resnet18", "--checkpoint", "missing.pth"], "checkpoint 'missing.pth': no such file"),
         (["resnet18", "--input-size", "3,64"], "input size must be C,H,W"),
-        (["resnet18", "--num-classes", "0"], "num_classes must be >= 1"),
+        (["resnet18", "--num-classes", "0"], "--num-classes must be >= 1, got 0"),
         (["--from", "missing.safetensors"], "no such file"),
         (["resnet18", "--from", "x.safetensors"], "not both"),
         ([], "MODEL is required"),

@@ -203,7 +203,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path, splits: Path) -> Non
     _compare_checkpoints(tmp_path / "whole/checkpoint.pth", tmp_path / "part/checkpoint.pth")
     assert whole.top1 == resumed.top1
 
-    with pytest.raises(DynifyError, match=r"batch_size=16.*batch_size=8"):
+    with pytest.raises(DynifyError, match=r"--batch-size 16, this run asks --batch-size 8 \("):
         finetune(
             model=tiny_model(),
             data=splits,
@@ -211,7 +211,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path, splits: Path) -> Non
             resume=True,
             **dict(settings, batch_size=8),
         )
-    with pytest.raises(DynifyError, match="does not fit"):
+    with pytest.raises(DynifyError, match="another conversion plan"):
         finetune(
             model=tiny_model(convert=False),
             data=splits,
@@ -219,6 +219,12 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path, splits: Path) -> Non
             resume=True,
             **settings,
         )
+    wider = timm.create_model(
+        "test_resnet", num_classes=len(CLASSES), channels=(8, 16, 24, 40), stem_width=8
+    )
+    wider = dynify.apply(wider, RECIPE, input_size=(3, 32, 32))
+    with pytest.raises(DynifyError, match="does not fit"):
+        finetune(model=wider, data=splits, output=tmp_path / "part", resume=True, **settings)
     with pytest.raises(DynifyError, match="already holds a run"):
         finetune(model=tiny_model(), data=splits, output=tmp_path / "part", **settings)
     with pytest.raises(DynifyError, match="nothing to resume"):
@@ -353,3 +359,110 @@ def test_cifar10_slice(tmp_path: Path) -> None:
     result = finetune(model=model, data=data, epochs=1, output=tmp_path, **FAST)
     assert result.epochs == 1 and 0 <= result.top1 <= 100
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+
+
+# -- --num-classes, and what --resume refuses -----------------------------------------------
+
+QUICK_CLI = ["--img-size", "32", "--batch-size", "16", "--workers", "0", "--quiet"]
+QUICK_CLI += ["--routing-images", "0"]
+
+
+def _one_line(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def artifact_1000(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifact of a converted test_resnet with timm's default 1000 classes."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", channels=(8, 16, 24, 32), stem_width=8)
+    model = dynify.apply(model, RECIPE, input_size=(3, 32, 32))
+    path = tmp_path_factory.mktemp("art") / "r.safetensors"
+    dynify.save(model, path, model_name="test_resnet", model_kwargs={
+        "channels": (8, 16, 24, 32), "stem_width": 8})  # fmt: skip
+    return path
+
+
+def test_cli_artifact_with_other_classes_names_the_flag(capsys, tmp_path, splits, artifact_1000):
+    argv = ["finetune", str(artifact_1000), "--data", str(splits), "--epochs", "1", *QUICK_CLI]
+    err = _one_line(capsys, [*argv, "--output", str(tmp_path / "run")])
+    assert "classifies 1000 classes, the data has 4" in err and "--num-classes 4" in err
+    assert not (tmp_path / "run").exists()
+    err = _one_line(capsys, [*argv, "--num-classes", "3", "--output", str(tmp_path / "run")])
+    assert "--num-classes 3: the data has 4 classes" in err
+
+
+def test_cli_num_classes_replaces_an_artifacts_classifier(capsys, tmp_path, splits, artifact_1000):
+    out = tmp_path / "run"
+    argv = ["finetune", str(artifact_1000), "--data", str(splits), "--epochs", "1", *QUICK_CLI]
+    argv += ["--train-images", "16", "--val-images", "4"]
+    assert main([*argv, "--num-classes", "4", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "replaced the artifact's 1000-class classifier by a new 4-class one" in printed
+    model = dynify.load(out / "model.safetensors")
+    assert model.num_classes == 4 and model.fc.out_features == 4
+    before = dynify.load(artifact_1000)  # the rest of the network is the artifact's plan
+    assert [lp.name for lp in dynify.plan_of(model).converted] == [
+        lp.name for lp in dynify.plan_of(before).converted
+    ]
+
+
+def test_cli_num_classes_builds_a_timm_model_with_it(capsys, tmp_path, splits, monkeypatch):
+    import dynify.train
+
+    built: list[nn.Module] = []
+
+    def capture(*, model: nn.Module, **kwargs: object) -> None:
+        built.append(model)
+        raise DynifyError("captured")
+
+    monkeypatch.setattr(dynify.train, "finetune", capture)
+    argv = ["finetune", "test_resnet", "--data", str(splits), "--epochs", "1", *QUICK_CLI]
+    argv += ["--output", str(tmp_path / "run")]
+    assert "captured" in _one_line(capsys, [*argv, "--num-classes", "4"])
+    assert built[0].num_classes == 4 and built[0].fc.out_features == 4
+    err = _one_line(capsys, [*argv, "--num-classes", "10"])
+    assert "--num-classes 10: the data has 4 classes" in err and len(built) == 1
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory: pytest.TempPathFactory, splits: Path) -> tuple[Path, list]:
+    """A finished 1-epoch CLI run (its folder and its command line) to resume."""
+    out = tmp_path_factory.mktemp("resume") / "run"
+    argv = ["finetune", "test_resnet", "--data", str(splits), *QUICK_CLI, "--output", str(out)]
+    assert main([*argv, "--epochs", "1", "--train-images", "16"]) == 0
+    return out, argv
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--train-images", "8"], "--train-images 16, this run asks --train-images 8"),
+        (["--train-images", "16", "--val-images", "4"], "no --val-images, this run asks --val-im"),
+        (["--train-images", "16", "--lr", "0.5"], "--lr 0.00625, this run asks --lr 0.5"),
+        (["--train-images", "16", "--no-aug"], "no --no-aug, this run asks --no-aug"),
+        (["--train-images", "16", "--seed", "3"], "--seed 0, this run asks --seed 3"),
+        (["--train-images", "16", "--recipe", "all"], "another conversion plan"),
+    ],
+)
+def test_cli_resume_refuses_a_changed_run(capsys, one_epoch_run, change, message) -> None:
+    out, argv = one_epoch_run
+    before = _sha(out / "checkpoint.pth")
+    err = _one_line(capsys, [*argv, "--epochs", "2", "--resume", *change])
+    assert message in err
+    assert "temperature" not in err
+    assert _sha(out / "checkpoint.pth") == before
+
+
+def test_cli_resume_accepts_more_epochs_and_other_workers(capsys, one_epoch_run) -> None:
+    out, argv = one_epoch_run
+    change = ["--train-images", "16", "--workers", "1", "--routing-images", "8"]
+    assert main([*argv, "--epochs", "2", "--resume", *change]) == 0
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] == 2 and state["settings"]["train_images"] == 16
+    err = _one_line(capsys, [*argv, "--epochs", "1", "--resume", "--train-images", "16"])
+    assert "has finished 2 epochs, this run asks --epochs 1" in err

@@ -9,16 +9,70 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from dynify._version import __version__
 from dynify.errors import DynifyError
 
-__all__ = ["main"]
+__all__ = ["Limit", "check_limits", "interrupted", "main"]
 
 # Command modules, in the order ``--help`` lists them. Later issues append here.
 COMMANDS: tuple[str, ...] = ("convert", "inspect", "finetune", "search")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The values a numeric flag accepts: ``low`` / ``high`` bounds (inclusive unless
+    ``low_open`` / ``high_open``), always finite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def accepts(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "finite"
+
+
+# Shared limits, by what the number is.
+COUNT = Limit(low=1)  # images, epochs, classes, batch sizes, pixels
+NON_NEGATIVE = Limit(low=0)  # worker processes, seeds, warm-up epochs
+POSITIVE = Limit(low=0, low_open=True)  # learning rates, temperatures, norms
+FRACTION = Limit(low=0, high=1, low_open=True)  # (0, 1]
+SHARE = Limit(low=0, high=1)  # [0, 1]
+
+
+def check_limits(args: argparse.Namespace, limits: Mapping[str, Limit]) -> None:
+    """Refuse, before any work, a numeric flag outside its limits (``limits`` maps argparse
+    destinations to them; unset flags and ``None`` defaults pass): one line naming the flag,
+    the value and the accepted range."""
+    for dest, limit in limits.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if not limit.accepts(item):
+                flag = "--" + dest.replace("_", "-")
+                raise DynifyError(f"{flag} must be {limit}, got {item}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,19 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    # Everything, the parser and its imports included, runs inside the handlers: a Ctrl-C or
+    # a bad input at any moment is one line on stderr, never a traceback.
+    prog = "dynify"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        prog = f"dynify {args.command}"
         return int(args.run(args) or 0)
     except DynifyError as err:
-        print(f"dynify {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"dynify {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return interrupted(prog)
+    except BrokenPipeError:
+        # Whoever read stdout has gone (``dynify convert ... | head``): stop quietly, and
+        # keep Python from failing again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def interrupted(prog: str = "dynify") -> int:
+    """Say that the command was interrupted, in one line; the exit status for it (130, as a
+    shell reports a process ended by SIGINT)."""
+    # A second Ctrl-C while Python shuts down would print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 HELP = "convert a timm model's convs to dynamic convolutions and write an artifact"
 
@@ -52,9 +51,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import dynify
+    from dynify import cost
+    from dynify._io import ensure_writable
+    from dynify.cli import COUNT, NON_NEGATIVE, check_limits
+    from dynify.convert import EQUIVALENCE_TOLERANCE
     from dynify.errors import DynifyError
     from dynify.models import create_model, parse_input_size
 
+    check_limits(args, {"num_classes": COUNT, "seed": NON_NEGATIVE})
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DynifyError("--device cuda: no CUDA device is available here; use --device cpu")
     if args.from_artifact:
@@ -65,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise DynifyError("MODEL is required (a timm name such as resnet50), or --from ARTIFACT")
     input_size = parse_input_size(args.input_size)
     recipe = dynify.load_recipe(args.recipe)  # validate before building anything
+    output = ensure_writable(args.output or f"{args.model}.dynify.safetensors", what="--output")
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = create_model(
         args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs
@@ -84,7 +89,13 @@ def run(args: argparse.Namespace) -> int:
     plan = dynify.plan_of(converted)
     print(f"{args.model}: recipe {plan.recipe}, input {'x'.join(map(str, plan.input_size))}")
     print(plan.table())
-    _print_costs(model, converted)
+    # Both at the size the plan was traced at (the static model's default is its own).
+    size = tuple(plan.input_size)
+    print(
+        cost.format_totals(
+            cost.count(model, input_size=size), cost.count(converted, input_size=size)
+        )
+    )
     if plan.fx_error:
         print(
             f"note: torch.fx could not trace the model ({plan.fx_error}); convs were found "
@@ -93,33 +104,23 @@ def run(args: argparse.Namespace) -> int:
     if plan.converted:
         print(
             f"equivalence: eval output max relative error {plan.check_error:.2e} "
-            f"(tolerance {dynify.convert.EQUIVALENCE_TOLERANCE:g}): OK"
+            f"(tolerance {EQUIVALENCE_TOLERANCE:g}): OK"
         )
     else:
         print("no conv matched the recipe: the model is unchanged")
     print(f"converted in {elapsed:.2f} s")
 
-    output = Path(args.output or f"{args.model}.dynify.safetensors")
     dynify.save(converted, output, model_name=args.model, model_kwargs=kwargs)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
-def _print_costs(model, converted) -> None:
-    """Totals before and after, from the cost model when it is available."""
-    try:
-        from dynify import cost
-    except ImportError:
-        return
-    formatter = getattr(cost, "format_totals", None)
-    if formatter is not None:
-        print(formatter(cost.count(model), cost.count(converted)))
-
-
 def _rebuild(args: argparse.Namespace) -> int:
     import dynify
+    from dynify._io import ensure_writable
     from dynify.artifact import read_info
 
+    output = ensure_writable(args.output, what="--output") if args.output else None
     info = read_info(args.from_artifact)
     model = dynify.load(args.from_artifact, device=args.device)
     plan = dynify.plan_of(model)
@@ -128,8 +129,7 @@ def _rebuild(args: argparse.Namespace) -> int:
         f"{info['dynify_version']} (timm {info['timm_version']})"
     )
     print(plan.table())
-    if args.output:
-        output = Path(args.output)
+    if output is not None:
         dynify.save(
             model,
             output,

@@ -6,6 +6,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dynify.cli import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SHARE, Limit, check_limits
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from dynify.train import Data
 
 HELP = "fine-tune a converted model (temperature schedule, optional distillation)"
 
@@ -38,6 +46,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="recipe YAML or bundled name for a timm MODEL (default: dycnn)",
     )
     conv.add_argument("--static", action="store_true", help="train MODEL without converting it")
+    conv.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="classes of the model (default: the data's); an ARTIFACT with another count gets "
+        "a new classifier (timm's reset_classifier)",
+    )
     src = conv.add_mutually_exclusive_group()
     src.add_argument("--pretrained", action="store_true", help="start from timm's weights")
     src.add_argument("--checkpoint", metavar="FILE", help="start from these weights")
@@ -64,7 +80,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="validation fraction when the data has no val split (default 0.1)",
     )
     data.add_argument("--data-cache", default=None, metavar="DIR", help="torch/NAME downloads")
-    data.add_argument("--workers", type=int, default=2, help="loader processes per process")
+    data.add_argument(
+        "--workers", type=int, default=2, help="loader processes per process (0: none)"
+    )
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=128, metavar="B", help="global batch")
@@ -84,7 +102,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--distill-temperature", type=float, default=1.0)
 
     run = p.add_argument_group("run")
-    run.add_argument("--output", default=None, metavar="DIR", help="default runs/<model>")
+    run.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="run folder (default: runs/<model>-<recipe>, runs/<model>-static with --static, "
+        "runs/<artifact name> for an ARTIFACT)",
+    )
     run.add_argument("--resume", action="store_true", help="continue OUTPUT/checkpoint.pth")
     run.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     run.add_argument(
@@ -111,16 +135,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_command)
 
 
+# Accepted values of the numeric flags (argparse destinations), checked before any work.
+LIMITS: dict[str, Limit] = {
+    "epochs": COUNT,
+    "num_classes": COUNT,
+    "seed": NON_NEGATIVE,
+    "img_size": COUNT,
+    "crop_pct": FRACTION,
+    "aug_scale": FRACTION,
+    "train_images": COUNT,
+    "val_images": COUNT,
+    "holdout": Limit(low=0, high=1, low_open=True, high_open=True),
+    "workers": NON_NEGATIVE,
+    "batch_size": COUNT,
+    "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "warmup_epochs": NON_NEGATIVE,
+    "smoothing": Limit(low=0, high=1, high_open=True),
+    "clip_grad": POSITIVE,
+    "distill_weight": SHARE,
+    "distill_temperature": POSITIVE,
+    "routing_images": NON_NEGATIVE,
+}
+
+
 def run_command(args: argparse.Namespace) -> int:
     import copy
 
     import torch
 
     import dynify
+    from dynify._io import ensure_writable
     from dynify.errors import DynifyError
     from dynify.models import create_model
     from dynify.train import TrainingDiverged, finetune, load_data
 
+    check_limits(args, LIMITS)
+    if args.aug_scale and args.aug_scale[0] > args.aug_scale[1]:
+        raise DynifyError(
+            f"--aug-scale {args.aug_scale[0]} {args.aug_scale[1]}: MIN must be <= MAX"
+        )
     is_artifact = args.model.endswith(".safetensors")
     if is_artifact and (args.recipe or args.static or args.pretrained or args.checkpoint):
         raise DynifyError(
@@ -134,13 +188,20 @@ def run_command(args: argparse.Namespace) -> int:
         )
     if args.static and args.teacher:
         raise DynifyError("--teacher distils a converted model from the static one; drop --static")
-    data = load_data(
-        args.data,
-        holdout=args.holdout,
-        train_images=args.train_images,
-        val_images=args.val_images,
-        cache_dir=args.data_cache,
-    )
+    recipe = None if is_artifact or args.static else dynify.load_recipe(args.recipe)
+    if is_artifact:
+        label = Path(args.model).name.removesuffix(".safetensors")
+    else:
+        label = f"{args.model}-{'static' if recipe is None else recipe.label}"
+    output = ensure_writable(args.output or Path("runs") / label, what="--output", folder=True)
+    # Subsets are finetune's to take (and its checkpoint's to record, so --resume compares
+    # them); here only the classes are needed.
+    data = load_data(args.data, holdout=args.holdout, cache_dir=args.data_cache)
+    if args.num_classes is not None and not is_artifact and args.num_classes != data.num_classes:
+        raise DynifyError(
+            f"--num-classes {args.num_classes}: the data has {data.num_classes} classes "
+            f"({data.source}); give --num-classes {data.num_classes} or leave it out"
+        )
     teacher = None
     name = args.model
     kwargs: dict = {}
@@ -150,9 +211,8 @@ def run_command(args: argparse.Namespace) -> int:
         info = read_info(args.model)
         model = load(args.model)
         name, kwargs = info["model_name"], dict(info["model_kwargs"])
-        label = Path(args.model).name.removesuffix(".safetensors")
+        model, kwargs = _fit_classifier(model, name, kwargs, args=args, data=data)
     else:
-        recipe = None if args.static else dynify.load_recipe(args.recipe)
         kwargs = {"num_classes": data.num_classes}
         torch.manual_seed(args.seed)
         model = create_model(
@@ -163,8 +223,6 @@ def run_command(args: argparse.Namespace) -> int:
         if recipe is not None:
             size = None if args.img_size is None else (3, args.img_size, args.img_size)
             model = dynify.apply(model, recipe, input_size=size, inplace=True, seed=args.seed)
-        label = f"{args.model}-{'static' if args.static else recipe.label}"  # type: ignore[union-attr]
-    output = Path(args.output or Path("runs") / label)
     primary = int(os.environ.get("RANK", "0")) == 0
     try:
         result = finetune(
@@ -194,6 +252,10 @@ def run_command(args: argparse.Namespace) -> int:
             sync_bn=args.sync_bn,
             seed=args.seed,
             workers=args.workers,
+            train_images=args.train_images,
+            val_images=args.val_images,
+            holdout=args.holdout,
+            data_cache=args.data_cache,
             progress=not args.quiet,
             routing_images=args.routing_images,
         )
@@ -229,3 +291,40 @@ def run_command(args: argparse.Namespace) -> int:
     dynify.save(model, target, model_name=name, model_kwargs=kwargs, extra=extra)
     print(f"wrote {target}")
     return 0
+
+
+def _fit_classifier(
+    model: nn.Module, name: str, kwargs: dict, *, args: argparse.Namespace, data: Data
+) -> tuple[nn.Module, dict]:
+    """An artifact's model and timm arguments with as many classes as the data: with
+    ``--num-classes`` its classifier is replaced (timm's ``reset_classifier``), without
+    it a mismatch is refused naming the flag."""
+    from dynify.errors import DynifyError
+
+    has = getattr(model, "num_classes", None)
+    if args.num_classes is None:
+        if isinstance(has, int) and has != data.num_classes:
+            raise DynifyError(
+                f"the artifact {args.model!r} classifies {has} classes, the data has "
+                f"{data.num_classes} ({data.source}); give --num-classes {data.num_classes} to "
+                f"replace its classifier"
+            )
+        return model, kwargs
+    if args.num_classes != data.num_classes:
+        raise DynifyError(
+            f"--num-classes {args.num_classes}: the data has {data.num_classes} classes "
+            f"({data.source}); give --num-classes {data.num_classes}"
+        )
+    if has == args.num_classes:
+        return model, kwargs
+    if not callable(getattr(model, "reset_classifier", None)):
+        raise DynifyError(
+            f"--num-classes: {name} has no reset_classifier to replace its {has}-class classifier"
+        )
+    model.reset_classifier(args.num_classes)
+    weights = "from the checkpoint" if args.resume else "untrained"
+    print(
+        f"replaced the artifact's {has}-class classifier by a new {args.num_classes}-class "
+        f"one (reset_classifier; its weights: {weights})"
+    )
+    return model, {**kwargs, "num_classes": args.num_classes}

@@ -127,15 +127,22 @@ def _print_plan(label: str, plan, args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import dynify
     from dynify import cost
+    from dynify.cli import COUNT, check_limits
     from dynify.errors import DynifyError
     from dynify.models import create_model, parse_input_size
 
+    check_limits(
+        args,
+        {
+            "num_classes": COUNT,
+            "batch_size": COUNT,
+            "repeats": COUNT,
+            "routing_images": COUNT,
+            "img_size": COUNT,
+        },
+    )
     budget = cost.parse_budget(args.budget) if args.budget is not None else None
     input_size = parse_input_size(args.input_size)
-    if args.batch_size < 1 or args.repeats < 1:
-        raise DynifyError(
-            f"--batch-size and --repeats must be >= 1, got {args.batch_size}, {args.repeats}"
-        )
     device = cost.resolve_device(args.device)
     if args.model.endswith(".safetensors"):
         return _inspect_artifact(args, device=device, input_size=input_size)
@@ -187,6 +194,7 @@ def _inspect_artifact(args: argparse.Namespace, *, device, input_size) -> int:
     """An artifact: its plan and cost, and with --data its routing, layer by layer."""
     import dynify
     from dynify import cost
+    from dynify._io import ensure_writable
     from dynify.errors import DynifyError
 
     for flag, value in (
@@ -204,11 +212,7 @@ def _inspect_artifact(args: argparse.Namespace, *, device, input_size) -> int:
             )
     if args.plot is not None and args.data is None:
         raise DynifyError("--plot draws the routing measured on --data: give --data too")
-    if args.routing_images < 1:
-        raise DynifyError(f"--routing-images must be >= 1, got {args.routing_images}")
-    if args.img_size is not None and args.img_size < 1:
-        raise DynifyError(f"--img-size must be >= 1, got {args.img_size}")
-    plot = _writable(args.plot) if args.plot is not None else None
+    plot = ensure_writable(args.plot, what="--plot") if args.plot is not None else None
     model = dynify.load(args.model).eval()
     plan = dynify.plan_of(model)
     before, after = _print_plan(f"{args.model}: {plan.model_name or 'model'},", plan, args)
@@ -244,24 +248,3 @@ def _inspect_artifact(args: argparse.Namespace, *, device, input_size) -> int:
         report.plot(plot)
         print(f"wrote {plot}")
     return 0
-
-
-def _writable(path: str):
-    """The PNG's path, refused before any work if its folder cannot take it."""
-    import os
-    from pathlib import Path
-
-    from dynify.errors import DynifyError
-
-    target = Path(path)
-    if target.is_dir():
-        raise DynifyError(f"--plot {path!r} is a folder; give a file name such as routing.png")
-    # The nearest folder that exists must be a writable folder (the rest is created).
-    parent = target.parent if str(target.parent) else Path(".")
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise DynifyError(f"--plot {path!r}: {str(parent)!r} is not a folder")
-    if not os.access(parent, os.W_OK):
-        raise DynifyError(f"--plot {path!r}: the folder {str(parent)!r} is not writable")
-    return target

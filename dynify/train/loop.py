@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynify._io import atomic_write_text
+from dynify._io import atomic_write_text, ensure_writable
 from dynify.errors import DynifyError
 from dynify.schedule import TemperatureSchedule, TemperatureScheduler
 from dynify.train import checkpoint
@@ -85,6 +85,19 @@ RESUME_KEYS: tuple[str, ...] = (
     "holdout",
     "data",
 )
+
+# How ``dynify finetune`` spells each of them, for messages both audiences can act on; the
+# rest (momentum, min_lr, temperature) have no flag. Switches: (spelling on, spelling off).
+_FLAGS: dict[str, str] = {
+    key: "--" + key.replace("_", "-")
+    for key in RESUME_KEYS
+    if key not in ("momentum", "min_lr", "temperature", "augment", "distill", "amp")
+}
+_SWITCHES: dict[str, tuple[str, str]] = {
+    "augment": ("no --no-aug", "--no-aug"),
+    "distill": ("--teacher", "no --teacher"),
+    "amp": ("--amp", "--no-amp"),
+}
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
@@ -243,8 +256,13 @@ def finetune(
         or routing_images < 0
     ):
         raise DynifyError(f"routing images must be an integer >= 0, got {routing_images!r}")
+    _check_workers(workers)
     if lr is None:
         lr = (0.1 if opt.lower() in _SGD_LIKE else 1e-3) * batch_size / 256
+    if not (math.isfinite(lr) and lr > 0):
+        raise DynifyError(f"lr must be a finite number > 0, got {lr!r}")
+    if output is not None:
+        ensure_writable(output, what="output", folder=True)  # before any work
     settings: dict[str, Any] = {
         "epochs": epochs,
         "batch_size": batch_size,
@@ -436,10 +454,36 @@ class _Run:
             task.prepare_distributed(device_ids=ids)
         return task
 
-    def _resume(self, path: Path) -> tuple[int, int, list[dict[str, Any]]]:
+    def _resumable(self, path: Path) -> dict[str, Any]:
+        """The checkpoint at ``path``, refused (one line naming the setting, as a flag, with
+        the saved and the asked value) when this run would not continue it: other settings,
+        fewer epochs than it finished, another conversion plan."""
         state = checkpoint.read(path)
         saved = state.get("settings", {})
-        checkpoint.check_settings(saved, self.settings, path, keys=RESUME_KEYS)
+        again = "resume with the same settings (only --epochs may grow), or give another --output"
+        for key in RESUME_KEYS:
+            if key in saved and saved[key] != self.settings.get(key):
+                raise DynifyError(
+                    f"checkpoint {str(path)!r} was written with {_spell(key, saved[key])}, this "
+                    f"run asks {_spell(key, self.settings.get(key))} ({key}); {again}"
+                )
+        done = int(state.get("epoch", 0))
+        if self.settings["epochs"] < done:
+            raise DynifyError(
+                f"checkpoint {str(path)!r} has finished {done} epochs, this run asks --epochs "
+                f"{self.settings['epochs']}; give --epochs {done} or more to continue it"
+            )
+        if _layer_settings(state.get("plan")) != _layer_settings(_plan_dict(self.model)):
+            raise DynifyError(
+                f"checkpoint {str(path)!r} was written for another conversion plan (recipe "
+                f"{(state.get('plan') or {}).get('recipe')!r}, this run's "
+                f"{(_plan_dict(self.model) or {}).get('recipe')!r}): resume with the same MODEL "
+                f"and --recipe, or give another --output"
+            )
+        return state
+
+    def _resume(self, state: dict[str, Any], path: Path) -> tuple[int, int, list[dict[str, Any]]]:
+        saved = state.get("settings", {})
         checkpoint.check_fits(state["model"], self.model, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -474,14 +518,16 @@ class _Run:
                 f"{str(out)!r} already holds a run ({checkpoint.CHECKPOINT_NAME}); resume it "
                 f"(--resume) or choose another --output, so that it is not overwritten"
             )
+        path = (ckpt if resume is True else Path(resume)) if resume else None  # type: ignore[arg-type]
+        # The checkpoint is read and its settings compared before any work.
+        state = self._resumable(path) if path is not None else None
         self._setup(data)
         start, updates, history = 0, 0, []
         self.last_good: Path | None = None
         self.last_good_epoch = 0
-        if resume:
-            path = ckpt if resume is True else Path(resume)  # type: ignore[arg-type]
+        if state is not None:
             assert path is not None
-            start, updates, history = self._resume(path)
+            start, updates, history = self._resume(state, path)
             self.last_good, self.last_good_epoch = path, start
         if self.show:
             self._say(f"data {self.data.describe()}")
@@ -631,12 +677,7 @@ class _Run:
     # -- outputs ------------------------------------------------------------------------
 
     def _write(self, out: Path, ckpt: Path, epochs_done: int, updates: int, history: list) -> None:
-        from dynify.convert import plan_of
-
-        try:
-            plan = plan_of(self.model).to_dict()
-        except DynifyError:
-            plan = None
+        plan = _plan_dict(self.model)
         checkpoint.write(
             ckpt,
             {
@@ -695,12 +736,15 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy of ``model`` on the
     validation split of ``data`` (the same split, transforms and counting as
-    :func:`finetune`'s evaluation; under torchrun the processes share the images).
+    :func:`finetune`'s evaluation given the same ``img_size`` and ``crop_pct``; both default
+    to the model's ``pretrained_cfg``, not to what a training run used; under torchrun the
+    processes share the images).
 
     Returns ``{"val_loss", "val_top1", "val_top5", "images"}``.
     """
     from dynify.train.data import data_config, eval_loader
 
+    _check_workers(workers)
     data = load_data(data, holdout=holdout, val_images=val_images, cache_dir=data_cache)
     procs = start_processes(device)
     try:
@@ -776,6 +820,45 @@ def _evaluate(
         "val_top1": 100 * float(total[1]) / images,
         "val_top5": 100 * float(total[2]) / images,
     }
+
+
+def _check_workers(workers: int) -> None:
+    """Refused here rather than as a DataLoader traceback."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise DynifyError(
+            f"workers must be an integer >= 0 (0: load in this process), got {workers!r}"
+        )
+
+
+def _plan_dict(model: nn.Module) -> dict[str, Any] | None:
+    """The model's conversion plan as saved in checkpoints; ``None`` for a static model."""
+    from dynify.convert import plan_of
+
+    try:
+        return plan_of(model).to_dict()
+    except DynifyError:
+        return None
+
+
+def _layer_settings(plan: dict[str, Any] | None) -> list[Any] | None:
+    """What makes two plans the same run: each conv's resolved settings (not, say, the
+    equivalence error measured when it was applied)."""
+    if plan is None:
+        return None
+    return [(layer["site"].get("name"), layer["settings"]) for layer in plan["layers"]]
+
+
+def _spell(key: str, value: Any) -> str:
+    """A resume setting as ``dynify finetune`` spells it (``--train-images 16``)."""
+    if key in _SWITCHES:
+        return _SWITCHES[key][0 if value else 1]
+    if key not in _FLAGS:
+        return f"{key}={value!r}"
+    if value is None:
+        return f"no {_FLAGS[key]}"
+    if isinstance(value, (list, tuple)):
+        return " ".join([_FLAGS[key], *(f"{v:g}" for v in value)])
+    return f"{_FLAGS[key]} {value:g}" if isinstance(value, float) else f"{_FLAGS[key]} {value}"
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:

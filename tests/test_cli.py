@@ -1,0 +1,324 @@
+"""The command line as a whole: a quick ``--help``, Ctrl-C, numeric flags, outputs checked
+before any work.
+
+The subprocess tests run the real command (``python -m dynify``) to see what a user sees:
+the modules it imported, its exit status, its stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import dynify
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("convert", "inspect", "finetune", "search")
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
+
+
+def _python(*args: str, cwd: Path | None = None, timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        cwd=cwd,
+    )
+
+
+# -- 1. --help without torch ----------------------------------------------------------------
+
+HEAVY = ("torch", "timm", "optuna", "numpy")
+
+
+@pytest.mark.parametrize("argv", [["--help"], *([name, "--help"] for name in COMMANDS)])
+def test_help_imports_no_heavy_module(argv: list[str]) -> None:
+    code = (
+        "import sys\n"
+        "from dynify.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0, done.code\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    proc = _python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]", proc.stdout[-500:]
+    assert "usage: dynify" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["convert", "finetune"])
+def test_python_m_dynify_help_imports_no_torch(command: str) -> None:
+    # What ``python -m dynify COMMAND --help`` runs: dynify/__main__.py as __main__.
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['dynify', {command!r}, '--help']\n"
+        "try:\n"
+        "    runpy.run_module('dynify', run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0, done.code\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    proc = _python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert f"usage: dynify {command}" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "[]", proc.stdout[-500:]
+
+
+def test_every_public_name_resolves_lazily() -> None:
+    code = (
+        "import sys, dynify\n"
+        "assert 'torch' not in sys.modules\n"
+        "names = dynify.__all__\n"
+        "missing = [n for n in names if n not in dir(dynify)]\n"
+        "assert not missing, missing\n"
+        "for n in names:\n"
+        "    getattr(dynify, n)\n"
+        "from dynify import *\n"
+        "print(len(names), 'torch' in sys.modules)\n"
+    )
+    proc = _python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(len(dynify.__all__)), "True"]
+
+
+def test_public_names_are_the_defining_modules_objects() -> None:
+    from dynify.artifact import load, save
+    from dynify.convert import apply, make_plan, plan_of
+    from dynify.errors import DynifyError
+    from dynify.layers import DynamicConv2d, KernelAttention
+    from dynify.recipe import load_recipe
+    from dynify.routing import routing_report
+    from dynify.schedule import TemperatureScheduler
+    from dynify.trace import trace_model
+
+    expected = [apply, make_plan, plan_of, load, save, DynifyError, DynamicConv2d]
+    expected += [KernelAttention, load_recipe, routing_report, TemperatureScheduler, trace_model]
+    for obj in expected:
+        assert getattr(dynify, obj.__name__) is obj, obj.__name__
+    assert set(dynify.__all__) == {*dynify._SOURCES, "__version__"}
+    assert dynify.artifact.read_info is not None  # public submodules stay reachable
+    with pytest.raises(AttributeError, match="no_such_name"):
+        dynify.no_such_name  # noqa: B018
+
+
+# -- 2. Ctrl-C ------------------------------------------------------------------------------
+
+
+def _interrupt(argv: list[str], *, delay: float, cwd: Path) -> tuple[int, str]:
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=cwd,
+        # A shell's background job ignores SIGINT, and a child would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+CONSOLE_SCRIPT = "import sys; from dynify.cli import main; sys.exit(main())"
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.5])
+@pytest.mark.parametrize("launcher", [["-m", "dynify"], ["-c", CONSOLE_SCRIPT]])
+def test_ctrl_c_early_is_one_line_and_130(tmp_path: Path, launcher: list[str], delay: float):
+    argv = [*launcher, "convert", "resnet18", "--input-size", "3,32,32"]
+    code, err = _interrupt(argv, delay=delay, cwd=tmp_path)
+    # 130, or ended by SIGINT itself, which a shell reports as 130 too: after an interrupt at
+    # some points of torch's import (seen about 2 s in), Python ends itself that way at exit
+    # although dynify caught the KeyboardInterrupt and printed its line.
+    assert code in (130, -signal.SIGINT), err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["dynify convert: interrupted"], err
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- 3. numeric flags, 7. outputs: refused in one line before any work -----------------------
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Building a model, reading data or an artifact fails the test: the refusal must come
+    first. Runs in an empty folder, returned (nothing may be created in it)."""
+    import dynify.artifact
+    import dynify.models
+    import dynify.train
+    import dynify.train.data
+
+    def work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started before the bad input was refused")
+
+    monkeypatch.setattr(dynify.models, "create_model", work)
+    monkeypatch.setattr(dynify.artifact, "load", work)
+    monkeypatch.setattr(dynify.artifact, "read_info", work)
+    monkeypatch.setattr(dynify.train, "load_data", work)
+    monkeypatch.setattr(dynify.train.data, "load_data", work)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _refused(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    from dynify.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"dynify {argv[0]}: error: "), err
+    return lines[0]
+
+
+FINETUNE = ["finetune", "test_resnet", "--data", "imgs", "--epochs", "1"]
+CONVERT = ["convert", "resnet18"]
+INSPECT = ["inspect", "resnet18"]
+
+BAD_NUMBERS = [
+    (CONVERT, ["--num-classes", "0"], "--num-classes must be >= 1, got 0"),
+    (CONVERT, ["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (INSPECT, ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (INSPECT, ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (INSPECT, ["--num-classes", "-3"], "--num-classes must be >= 1, got -3"),
+    (INSPECT, ["--routing-images", "0"], "--routing-images must be >= 1, got 0"),
+    (INSPECT, ["--img-size", "0"], "--img-size must be >= 1, got 0"),
+    (FINETUNE[:-1], ["0"], "--epochs must be >= 1, got 0"),
+    (FINETUNE[:-1], ["-2"], "--epochs must be >= 1, got -2"),
+    (FINETUNE, ["--workers", "-1"], "--workers must be >= 0, got -1"),
+    (FINETUNE, ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (FINETUNE, ["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (FINETUNE, ["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
+    (FINETUNE, ["--lr", "nan"], "--lr must be > 0, got nan"),
+    (FINETUNE, ["--img-size", "0"], "--img-size must be >= 1, got 0"),
+    (FINETUNE, ["--crop-pct", "0"], "--crop-pct must be in (0, 1], got 0.0"),
+    (FINETUNE, ["--crop-pct", "1.5"], "--crop-pct must be in (0, 1], got 1.5"),
+    (FINETUNE, ["--aug-scale", "0", "1"], "--aug-scale must be in (0, 1], got 0.0"),
+    (FINETUNE, ["--aug-scale", "0.5", "2"], "--aug-scale must be in (0, 1], got 2.0"),
+    (FINETUNE, ["--aug-scale", "0.9", "0.5"], "--aug-scale 0.9 0.5: MIN must be <= MAX"),
+    (FINETUNE, ["--train-images", "0"], "--train-images must be >= 1, got 0"),
+    (FINETUNE, ["--val-images", "-5"], "--val-images must be >= 1, got -5"),
+    (FINETUNE, ["--holdout", "0"], "--holdout must be in (0, 1), got 0.0"),
+    (FINETUNE, ["--holdout", "1"], "--holdout must be in (0, 1), got 1.0"),
+    (FINETUNE, ["--weight-decay=-1e-4"], "--weight-decay must be >= 0, got -0.0001"),
+    (FINETUNE, ["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0, got -1"),
+    (FINETUNE, ["--smoothing", "1"], "--smoothing must be in [0, 1), got 1.0"),
+    (FINETUNE, ["--smoothing", "-0.1"], "--smoothing must be in [0, 1), got -0.1"),
+    (FINETUNE, ["--clip-grad", "0"], "--clip-grad must be > 0, got 0.0"),
+    (FINETUNE, ["--distill-weight", "1.5"], "--distill-weight must be in [0, 1], got 1.5"),
+    (FINETUNE, ["--distill-temperature", "0"], "--distill-temperature must be > 0, got 0.0"),
+    (FINETUNE, ["--routing-images", "-1"], "--routing-images must be >= 0, got -1"),
+    (FINETUNE, ["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (FINETUNE, ["--num-classes", "0"], "--num-classes must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "message"),
+    BAD_NUMBERS,
+    ids=[f"{c[0]}{' '.join(f)}" for c, f, _ in BAD_NUMBERS],
+)
+def test_nonsensical_numbers_are_refused_before_work(
+    capsys, no_work: Path, command: list[str], flag: list[str], message: str
+) -> None:
+    line = _refused(capsys, [*command, *flag])
+    assert line.endswith(message), line
+    assert list(no_work.iterdir()) == []
+
+
+def test_library_refuses_negative_workers_and_lr(tmp_path: Path) -> None:
+    from torch import nn
+
+    from dynify.errors import DynifyError
+    from dynify.train import evaluate, finetune
+
+    model = nn.Linear(2, 2)
+    with pytest.raises(DynifyError, match=r"workers must be an integer >= 0.*got -1"):
+        finetune(model=model, data=tmp_path, epochs=1, workers=-1)
+    with pytest.raises(DynifyError, match=r"workers must be an integer >= 0.*got -1"):
+        evaluate(model=model, data=tmp_path, workers=-1)
+    with pytest.raises(DynifyError, match=r"lr must be a finite number > 0, got -1"):
+        finetune(model=model, data=tmp_path, epochs=1, lr=-1, workers=0)
+
+
+def _in_the_way(root: Path) -> dict[str, Path]:
+    """A folder, a regular file, and a path under that file."""
+    (root / "folder").mkdir()
+    (root / "file").write_text("in the way\n")
+    return {"folder": root / "folder", "file": root / "file", "under": root / "file" / "x"}
+
+
+OUTPUTS = [
+    (["convert", "resnet18", "--output"], "folder", "is a folder; give a file name"),
+    (["convert", "resnet18", "--output"], "under", "is a file, not a folder"),
+    (["convert", "--from", "a.safetensors", "--output"], "folder", "is a folder"),
+    (["finetune", "test_resnet", "--data", "d", "--epochs", "1", "--output"], "file", "is a file"),
+    (["finetune", "test_resnet", "--data", "d", "--epochs", "1", "--output"], "under", "a file,"),
+    (["inspect", "a.safetensors", "--data", "d", "--plot"], "folder", "is a folder"),
+    (["inspect", "a.safetensors", "--data", "d", "--plot"], "under", "is a file, not a folder"),
+]
+
+
+@pytest.mark.parametrize(("argv", "where", "message"), OUTPUTS)
+def test_outputs_are_checked_before_any_work(
+    capsys, no_work: Path, argv: list[str], where: str, message: str
+) -> None:
+    paths = _in_the_way(no_work)
+    before = sorted(str(p.relative_to(no_work)) for p in no_work.rglob("*"))
+    start = time.perf_counter()
+    line = _refused(capsys, [*argv, str(paths[where])])
+    assert time.perf_counter() - start < 5
+    flag = argv[-1]
+    assert f"{flag} {str(paths[where])!r}" in line and message in line, line
+    assert sorted(str(p.relative_to(no_work)) for p in no_work.rglob("*")) == before
+    assert (no_work / "file").read_text() == "in the way\n"
+
+
+def test_default_outputs_are_checked_too(capsys, no_work: Path) -> None:
+    # convert's default <model>.dynify.safetensors and finetune's runs/<model>-<recipe>.
+    (no_work / "resnet18.dynify.safetensors").mkdir()
+    line = _refused(capsys, ["convert", "resnet18"])
+    assert "--output 'resnet18.dynify.safetensors' is a folder" in line
+    (no_work / "runs").write_text("")
+    line = _refused(capsys, ["finetune", "test_resnet", "--data", "d", "--epochs", "1"])
+    assert "--output 'runs/test_resnet-dycnn'" in line and "is a file, not a folder" in line
+
+
+def test_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
+    # ``dynify convert ... | head -0``: the reader is gone before the plan (more than a pipe
+    # buffer's worth) is printed.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dynify", "convert", "resnet18", "--input-size", "3,32,32"],
+            cwd=tmp_path,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=_env(),
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1
+    assert list(tmp_path.iterdir()) == []  # stopped at the plan, before the artifact
