@@ -29,8 +29,8 @@ from torch import nn
 from dynify._io import atomic_path
 from dynify._version import __version__
 from dynify.convert import apply, model_name_of, plan_of
-from dynify.errors import DynifyError, did_you_mean
-from dynify.models import check_model_name, shorten
+from dynify.errors import DynifyError, did_you_mean, shorten
+from dynify.models import check_model_name
 from dynify.plan import Plan
 
 __all__ = [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["DynifyError", "did_you_mean"]
+__all__ = ["DynifyError", "did_you_mean", "shorten"]
 
 
 class DynifyError(ValueError):
@@ -22,3 +22,22 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary, with an ellipsis.
+
+    For error messages that quote another library's (possibly long) message: a cut never
+    falls mid-word, so what is left reads as words.
+    """
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    room = max(limit - 1, 1)  # one character for the ellipsis
+    if text[room] == " ":  # the cut falls between two words
+        head = text[:room]
+    elif " " in text[:room]:
+        head = text[:room].rsplit(" ", 1)[0]
+    else:  # one word longer than the limit: nothing better than cutting it
+        head = text[:room]
+    return head.rstrip(" ,;:(") + "…"

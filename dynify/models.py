@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, shorten
 
 __all__ = [
     "check_model_name",
@@ -24,32 +24,12 @@ __all__ = [
     "hub_reachable",
     "load_checkpoint_into",
     "parse_input_size",
-    "shorten",
 ]
 
 # How long the connectivity check before a pretrained download waits for the hub: a
 # reachable hub answers a TCP connect in well under a second; an offline machine would
 # otherwise spend about 50 s in huggingface_hub's retries.
 HUB_CONNECT_TIMEOUT_S = 2.0
-
-
-def shorten(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` characters at a word boundary, with an ellipsis.
-
-    For error messages that quote another library's (possibly long) message: a cut never
-    falls mid-word, so what is left reads as words.
-    """
-    text = " ".join(text.split())
-    if len(text) <= limit:
-        return text
-    room = max(limit - 1, 1)  # one character for the ellipsis
-    if text[room] == " ":  # the cut falls between two words
-        head = text[:room]
-    elif " " in text[:room]:
-        head = text[:room].rsplit(" ", 1)[0]
-    else:  # one word longer than the limit: nothing better than cutting it
-        head = text[:room]
-    return head.rstrip(" ,;:(") + "…"
 
 
 def _close_names(name: str, n: int = 3) -> list[str]:

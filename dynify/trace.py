@@ -20,7 +20,7 @@ import torch.fx
 from torch import nn
 
 from dynify._opcount import OpCounts, OpRecorder
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, shorten
 from dynify.layers import DynamicConv2d
 
 __all__ = ["ConvSite", "ModelTrace", "default_input_size", "trace_model"]
@@ -179,7 +179,7 @@ def _fx_trace(model: nn.Module) -> tuple[dict[str, int], str | None]:
         graph = tracer.trace(model)
     except Exception as err:  # fx raises many kinds; the hook pass still finds every conv
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return {}, f"{type(err).__name__}: {first_line}"[:200]
+        return {}, shorten(f"{type(err).__name__}: {first_line}", 200)
     counts: dict[str, int] = {}
     modules = dict(model.named_modules())
     for node in graph.nodes:

@@ -13,8 +13,8 @@ import pytest
 import timm
 
 from dynify import models
-from dynify.errors import DynifyError
-from dynify.models import create_model, shorten
+from dynify.errors import DynifyError, shorten
+from dynify.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -104,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         prog = f"dynify {args.command}"
+        if _import_libraries():
+            return interrupted(prog)
         return int(args.run(args) or 0)
     except DynifyError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
@@ -115,6 +117,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         # keep Python from failing again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _import_libraries() -> bool:
+    """Import torch and timm, which every command needs, with Ctrl-C held back until the
+    imports are done; True when one came meanwhile.
+
+    An interrupt inside a C extension's import (numpy's, under torch's) leaves the extension
+    half-loaded, and the next import of it fails with an ImportError traceback instead of
+    the KeyboardInterrupt: so the interrupt is taken only once the libraries are whole.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        import timm
+        import torch
+
+        return False
+    pending: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+    finally:
+        if previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
+    return bool(pending)
 
 
 def interrupted(prog: str = "dynify") -> int:

@@ -39,7 +39,7 @@ from dynify._budget import Budget, parse_budget
 from dynify._io import ensure_writable
 from dynify._resources import bundled_names
 from dynify.convert import apply
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, shorten
 from dynify.plan import Plan, resolve_plan
 from dynify.recipe import LayerSettings, Recipe, Rule, Selector, load_recipe
 from dynify.schedule import TemperatureSchedule
@@ -743,7 +743,7 @@ def make_storage(settings: SearchSettings) -> optuna.storages.BaseStorage:
                 time.sleep(0.2 * (attempt + 1))
                 continue
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            message = redact_text(message, shown)[:160]
+            message = shorten(redact_text(message, shown), 160)
             raise DynifyError(
                 f"--storage {redact_url(shown)!r}: cannot open ({type(err).__name__}: {message}); "
                 "accepted: sqlite:///FILE, postgresql://USER:PASS@HOST/DB, mysql://..., "

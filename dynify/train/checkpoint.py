@@ -20,7 +20,7 @@ from torch import nn
 from dynify._io import atomic_torch_save
 from dynify.errors import DynifyError
 
-__all__ = ["CHECKPOINT_NAME", "FORMAT", "check_fits", "check_settings", "read", "write"]
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "check_fits", "read", "write"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 FORMAT = "dynify.finetune/1"
@@ -77,16 +77,3 @@ def check_fits(state: dict[str, torch.Tensor], model: nn.Module, path: str | os.
             f"checkpoint {str(path)!r} does not fit this model: {', '.join(parts)} (another "
             f"model, recipe or class count; resume with the same MODEL and --recipe)"
         )
-
-
-def check_settings(
-    saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike, *, keys: tuple
-) -> None:
-    """Raise a one-line error when a setting in ``keys`` differs from the saved run's."""
-    for key in keys:
-        if key in saved and saved[key] != current.get(key):
-            raise DynifyError(
-                f"checkpoint {str(path)!r} was written with {key}={saved[key]!r}, this run asks "
-                f"{key}={current.get(key)!r}; resume with the same settings, or use another "
-                f"--output to start a new run"
-            )

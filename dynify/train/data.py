@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, shorten
 
 __all__ = [
     "TORCH_DATASETS",
@@ -160,7 +160,7 @@ def _torch_dataset(text: str, *, cache_dir: str | os.PathLike[str] | None, downl
                 f"torch/{name}", root=str(root), split="validation", download=download
             )
     except (OSError, RuntimeError) as err:
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        reason = shorten(str(err).splitlines()[0], 160) if str(err) else type(err).__name__
         how = "could not download" if download else "not found in"
         raise DynifyError(
             f"data {text!r}: {how} {name} into {str(root)!r} ({reason}); offline, copy the "
@@ -229,7 +229,7 @@ def _image_dataset(path: Path) -> Dataset:
     except Exception as err:  # timm's readers raise assorted errors on unreadable input
         raise DynifyError(
             f"data {str(path)!r} could not be read ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:120] if str(err) else ''}); expected {ACCEPTED}"
+            f"{shorten(str(err).splitlines()[0], 120) if str(err) else ''}); expected {ACCEPTED}"
         ) from None
     if len(ds) == 0:
         raise DynifyError(

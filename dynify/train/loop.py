@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynify._io import atomic_write_text, ensure_writable
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, shorten
 from dynify.schedule import TemperatureSchedule, TemperatureScheduler
 from dynify.train import checkpoint
 from dynify.train.data import Data, Loaders, derive_seed, load_data, make_loaders
@@ -403,7 +403,7 @@ class _Run:
             )
         except (ValueError, AssertionError) as err:
             raise DynifyError(
-                f"optimizer {s['opt']!r}: {str(err).splitlines()[0][:160]} (see "
+                f"optimizer {s['opt']!r}: {shorten(str(err).splitlines()[0], 160)} (see "
                 f"timm.optim.list_optimizers())"
             ) from None
         self.lr_scheduler = None
