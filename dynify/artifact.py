@@ -162,7 +162,10 @@ def save(
     name = model_name or plan.model_name or model_name_of(model)
     if not name:
         raise DynifyError("cannot tell which timm model this is: pass model_name= (the timm name)")
-    kwargs = dict(model_kwargs or {})
+    # Tuples (channels=(8, 16, 24, 32)) are stored as the JSON lists they become.
+    kwargs = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dict(model_kwargs or {}).items()
+    }
     check_model_kwargs(kwargs, where="model_kwargs")
     check_model_name(name, where="model_name")
     if "num_classes" not in kwargs and isinstance(getattr(model, "num_classes", None), int):

@@ -313,7 +313,7 @@ def test_cli_inspect_an_artifact_with_data(
         (["inspect", str(artifact), "--data", str(splits), "--img-size", "0"],
          "--img-size must be >= 1"),
         (["inspect", str(artifact), "--data", str(splits), "--plot",
-          str(artifact / "x" / "r.png")], "is not a folder"),
+          str(artifact / "x" / "r.png")], "is a file, not a folder"),
     ):  # fmt: skip
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
