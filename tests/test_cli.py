@@ -138,7 +138,9 @@ def _interrupt(argv: list[str], *, delay: float, cwd: Path) -> tuple[int, str]:
 CONSOLE_SCRIPT = "import sys; from dynify.cli import main; sys.exit(main())"
 
 
-@pytest.mark.parametrize("delay", [0.2, 0.6, 1.5])
+# Not earlier than about half a second: before that the interpreter itself is starting (and
+# a console script's own first line runs), which no program can guard.
+@pytest.mark.parametrize("delay", [0.6, 1.5, 3.0])
 @pytest.mark.parametrize("launcher", [["-m", "dynify"], ["-c", CONSOLE_SCRIPT]])
 def test_ctrl_c_early_is_one_line_and_130(tmp_path: Path, launcher: list[str], delay: float):
     argv = [*launcher, "convert", "resnet18", "--input-size", "3,32,32"]
@@ -195,7 +197,8 @@ INSPECT = ["inspect", "resnet18"]
 
 BAD_NUMBERS = [
     (CONVERT, ["--num-classes", "0"], "--num-classes must be >= 1, got 0"),
-    (CONVERT, ["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (CONVERT, ["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (CONVERT, ["--seed", str(2**70)], f"--seed must be in [0, 4294967295], got {2**70}"),
     (INSPECT, ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (INSPECT, ["--repeats", "0"], "--repeats must be >= 1, got 0"),
     (INSPECT, ["--num-classes", "-3"], "--num-classes must be >= 1, got -3"),
@@ -226,7 +229,8 @@ BAD_NUMBERS = [
     (FINETUNE, ["--distill-weight", "1.5"], "--distill-weight must be in [0, 1], got 1.5"),
     (FINETUNE, ["--distill-temperature", "0"], "--distill-temperature must be > 0, got 0.0"),
     (FINETUNE, ["--routing-images", "-1"], "--routing-images must be >= 0, got -1"),
-    (FINETUNE, ["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (FINETUNE, ["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (FINETUNE, ["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),
     (FINETUNE, ["--num-classes", "0"], "--num-classes must be >= 1, got 0"),
 ]
 
@@ -322,3 +326,19 @@ def test_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert proc.returncode == 1
     assert list(tmp_path.iterdir()) == []  # stopped at the plan, before the artifact
+
+
+def test_an_interrupt_in_process_leaves_the_callers_ctrl_c(monkeypatch, capsys) -> None:
+    import signal
+
+    from dynify import cli
+    from dynify.cli import convert
+
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "run", interrupt)
+    before = signal.getsignal(signal.SIGINT)
+    assert cli.main(["convert", "resnet18"]) == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    assert capsys.readouterr().err.strip() == "dynify convert: interrupted"

@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -43,19 +44,28 @@ class Limit:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"in {left}{self.low:g}, {self.high:g}{right}"
+            return f"in {left}{low}, {high}{right}"
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
+            return f"{'<' if self.high_open else '<='} {high}"
         return "finite"
+
+
+def _number(value: float | None) -> str:
+    """A bound as a reader writes it: ``4294967295`` rather than ``4.29497e+09``."""
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 # Shared limits, by what the number is.
 COUNT = Limit(low=1)  # images, epochs, classes, batch sizes, pixels
-NON_NEGATIVE = Limit(low=0)  # worker processes, seeds, warm-up epochs
+NON_NEGATIVE = Limit(low=0)  # worker processes, warm-up epochs
+SEED = Limit(low=0, high=2**32 - 1)  # what numpy's and torch's generators take
 POSITIVE = Limit(low=0, low_open=True)  # learning rates, temperatures, norms
 FRACTION = Limit(low=0, high=1, low_open=True)  # (0, 1]
 SHARE = Limit(low=0, high=1)  # [0, 1]
@@ -105,13 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         prog = f"dynify {args.command}"
         if _import_libraries():
-            return interrupted(prog)
+            return interrupted(prog, exiting=argv is None)
         return int(args.run(args) or 0)
     except DynifyError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return interrupted(prog)
+        return interrupted(prog, exiting=argv is None)
     except BrokenPipeError:
         # Whoever read stdout has gone (``dynify convert ... | head``): stop quietly, and
         # keep Python from failing again when it flushes stdout at exit.
@@ -127,8 +137,6 @@ def _import_libraries() -> bool:
     half-loaded, and the next import of it fails with an ImportError traceback instead of
     the KeyboardInterrupt: so the interrupt is taken only once the libraries are whole.
     """
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         import timm
         import torch
@@ -147,11 +155,16 @@ def _import_libraries() -> bool:
     return bool(pending)
 
 
-def interrupted(prog: str = "dynify") -> int:
+def interrupted(prog: str = "dynify", *, exiting: bool = True) -> int:
     """Say that the command was interrupted, in one line; the exit status for it (130, as a
-    shell reports a process ended by SIGINT)."""
-    # A second Ctrl-C while Python shuts down would print a traceback of its own.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    shell reports a process ended by SIGINT).
+
+    ``exiting``: the process ends next (``main()`` run as the program, reading
+    ``sys.argv``), so a second Ctrl-C during Python's shutdown, which would print a
+    traceback of its own, is ignored; a caller that passed ``argv`` keeps its Ctrl-C.
+    """
+    if exiting and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     print(f"{prog}: interrupted", file=sys.stderr)
     return 130
 

@@ -53,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
     import dynify
     from dynify import cost
     from dynify._io import ensure_writable
-    from dynify.cli import COUNT, NON_NEGATIVE, check_limits
+    from dynify.cli import COUNT, SEED, check_limits
     from dynify.convert import EQUIVALENCE_TOLERANCE
     from dynify.errors import DynifyError
     from dynify.models import create_model, parse_input_size
 
-    check_limits(args, {"num_classes": COUNT, "seed": NON_NEGATIVE})
+    check_limits(args, {"num_classes": COUNT, "seed": SEED})
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DynifyError("--device cuda: no CUDA device is available here; use --device cpu")
     if args.from_artifact:

@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dynify.cli import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SHARE, Limit, check_limits
+from dynify.cli import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    SHARE,
+    Limit,
+    check_limits,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -139,7 +148,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 LIMITS: dict[str, Limit] = {
     "epochs": COUNT,
     "num_classes": COUNT,
-    "seed": NON_NEGATIVE,
+    "seed": SEED,
     "img_size": COUNT,
     "crop_pct": FRACTION,
     "aug_scale": FRACTION,
