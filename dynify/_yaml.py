@@ -148,11 +148,46 @@ def _min(minimum: float | None, exclusive: bool = False) -> str:
     return f" > {minimum:g}" if exclusive else f" >= {minimum:g}"
 
 
-def _to_python(node: yaml.Node, path: str, lines: dict[str, int], source: str) -> Any:
+# At most this many values after aliases are expanded: a recipe or a space holds a few
+# hundred, while aliases of aliases ("billion laughs") expand a few lines into 10**20.
+MAX_VALUES = 100_000
+
+
+class _Expansion:
+    """What building Python values from the node graph has used so far."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.values = 0
+        self.open: set[int] = set()  # nodes being built: one met again is a recursive alias
+
+    def enter(self, node: yaml.Node, path: str) -> None:
+        self.values += 1
+        line = node.start_mark.line + 1
+        if self.values > MAX_VALUES:
+            raise DynifyError(
+                f"{self.source}:{line}: {path or 'the document'}: more than {MAX_VALUES:,} "
+                "values once its aliases are expanded; write the values out, or use fewer "
+                "aliases of aliases"
+            )
+        if id(node) in self.open:
+            raise DynifyError(
+                f"{self.source}:{line}: {path or 'the document'}: an alias that contains "
+                "itself (a recursive anchor); a recipe's values must be finite"
+            )
+
+
+def _to_python(node: yaml.Node, path: str, lines: dict[str, int], seen: _Expansion) -> Any:
+    seen.enter(node, path)
     lines.setdefault(path, node.start_mark.line + 1)
+    source = seen.source
     if isinstance(node, yaml.MappingNode):
+        seen.open.add(id(node))
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                raise DynifyError(f"{source}:{line}: keys must be strings, got a {key_node.id}")
             key = yaml.safe_load(yaml.serialize(key_node))
             if not isinstance(key, str):
                 line = key_node.start_mark.line + 1
@@ -162,10 +197,14 @@ def _to_python(node: yaml.Node, path: str, lines: dict[str, int], source: str) -
                 line = key_node.start_mark.line + 1
                 raise DynifyError(f"{source}:{line}: {sub}: duplicate key")
             lines[sub] = key_node.start_mark.line + 1
-            out[key] = _to_python(value_node, sub, lines, source)
+            out[key] = _to_python(value_node, sub, lines, seen)
+        seen.open.discard(id(node))
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(v, f"{path}[{i}]", lines, source) for i, v in enumerate(node.value)]
+        seen.open.add(id(node))
+        items = [_to_python(v, f"{path}[{i}]", lines, seen) for i, v in enumerate(node.value)]
+        seen.open.discard(id(node))
+        return items
     return yaml.safe_load(yaml.serialize(node))
 
 
@@ -181,7 +220,7 @@ def parse_yaml(text: str, source: str) -> Doc:
     if node is None:
         return Doc(None, source, {"": 1})
     lines: dict[str, int] = {}
-    return Doc(_to_python(node, "", lines, source), source, lines)
+    return Doc(_to_python(node, "", lines, _Expansion(source)), source, lines)
 
 
 def load_yaml_file(path: str | os.PathLike[str]) -> Doc:

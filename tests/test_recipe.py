@@ -504,3 +504,50 @@ def test_recipe_round_trip_keeps_init_defaults_implicit() -> None:
     s = {lp.name: lp.settings for lp in plan.layers}
     assert s["s1.0.dw"].temperature == TemperatureSchedule(start=30, end=1, length=10)
     assert s["s2.0.conv2"].temperature == TemperatureSchedule.constant(1.0)
+
+
+# -- hostile YAML: aliases that never end or expand without bound ------------------------
+
+
+def _billion_laughs(levels: int) -> str:
+    text = "a0: &a0 [" + ", ".join(["x"] * 10) + "]\n"
+    for i in range(1, levels):
+        text += f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n"
+    return text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: &a [*a]\n", "an alias that contains itself"),
+        ("defaults: &d {experts: *d}\n", "an alias that contains itself"),
+        (_billion_laughs(20), "more than 100,000 values once its aliases are expanded"),
+    ],
+    ids=["list", "mapping", "billion-laughs"],
+)
+def test_hostile_aliases_are_one_line_at_once(tmp_path: Path, text: str, message: str) -> None:
+    import time
+
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(DynifyError, match=message) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    # The old reader recursed without end or expanded 10**20 values: generous bound.
+    assert time.perf_counter() - start < 30
+
+
+def test_an_alias_used_twice_is_still_plain_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text(
+        "version: 1\n"
+        "defaults: {experts: 4}\n"
+        "rules:\n"
+        "  - select: &deep {name: 'layer4.*'}\n"
+        "    experts: 8\n"
+        "  - select: *deep\n"
+        "    reduction: 8\n"
+    )
+    recipe = load_recipe(path)
+    assert [r.select for r in recipe.rules] == [Selector(name=("layer4.*",))] * 2
