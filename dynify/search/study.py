@@ -305,9 +305,9 @@ def prepare(settings: SearchSettings) -> SearchContext:
             check_number(name, getattr(settings, name))
     # Before any model is built or any data read: a file in the way is one line now.
     ensure_writable(settings.output, what="--output", folder=True)
-    storage_file = local_storage_file(settings.storage) if settings.storage else None
-    if storage_file is not None:  # the message shows the URL as redact_url does
-        ensure_writable(storage_file, what=f"--storage {redact_url(settings.storage or '')!r} file")
+    # And the --storage file (SQLite or journal), named by the URL as redact_url shows it.
+    if settings.storage and (storage_file := local_storage_file(settings.storage)) is not None:
+        ensure_writable(storage_file, what=f"--storage {redact_url(settings.storage)!r} file")
     space = load_space(settings.space)
     budget = parse_budget(settings.budget)
     max_latency = parse_budget(settings.max_latency).value if settings.max_latency else None
@@ -902,7 +902,7 @@ def _secrets(url: str) -> list[str]:
         found.append(str(parsed.password))
     # SQLAlchemy's reading: the user name stops at ':' or '/', the password at the first '@'
     # (so it may hold '/', '?' or '#'); that text as typed, before percent-decoding.
-    user = re.match(r"[^:/]*", rest).group()  # type: ignore[union-attr]
+    user = re.split(r"[:/]", rest, maxsplit=1)[0]
     typed = rest[len(user) + 1 :].partition("@")[0] if parsed.password is not None else ""
     found.append(typed)
     if parsed.host and "@" in parsed.host:
