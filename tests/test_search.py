@@ -748,6 +748,47 @@ def test_an_output_in_the_way_is_refused_before_any_work(files, tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+@pytest.mark.parametrize(
+    ("storage", "where"),
+    [
+        ("sqlite:///{afile}/x/study.db", "{afile}/x/study.db"),
+        ("journal:{afile}/j.log", "{afile}/j.log"),
+    ],
+)
+def test_a_storage_under_a_file_is_refused_before_any_work(
+    files, tmp_path: Path, storage: str, where: str
+) -> None:
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("keep me")
+    url = storage.format(afile=in_the_way)
+    with counting_work() as work:
+        code, out, err = run_main(search_args(files, tmp_path / "out", "--storage", url))
+    assert (code, out, work) == (2, "", []), err
+    (line,) = err.strip().splitlines()
+    assert line == (
+        f"dynify search: error: --storage {url!r} file {where.format(afile=in_the_way)!r}: "
+        f"{str(in_the_way)!r} is a file, not a folder; choose another path"
+    )
+    assert in_the_way.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("storage", ["sqlite:///{afile}/x/study.db", "journal:{afile}/j.log"])
+def test_make_storage_says_a_folder_it_cannot_create_in_one_line(
+    tmp_path: Path, storage: str
+) -> None:
+    """The folder check in prepare can be overtaken (a file appears after it): the mkdir is
+    one line too, not NotADirectoryError / FileExistsError."""
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("keep me")
+    url = storage.format(afile=in_the_way)
+    with pytest.raises(DynifyError) as caught:
+        make_storage(SearchSettings(budget=BUDGET, storage=url, output=str(tmp_path / "out")))
+    assert str(caught.value).startswith(f"--storage {url!r}: cannot create ")
+    assert str(caught.value).endswith("; choose another path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 SECRET = "Hunter2Secret"
 
 
@@ -789,10 +830,71 @@ def test_redact_url_uses_sqlalchemys_parse() -> None:
     assert redact_url("journal:/shared/study.log") == "journal:/shared/study.log"
     assert redact_url("sqlite:////tmp/study.db") == "sqlite:////tmp/study.db"
     # A driver's message that quotes the host SQLAlchemy parsed (the tail of the password).
+    # The password as parsed ("p") is hidden too, where it stands alone (not inside "pw").
     message = 'could not translate host name "ss@word@h" to address; user "u" pw p'
     assert redact_text(message, "postgresql://u:p@ss@word@h/x") == (
-        'could not translate host name "***@h" to address; user "u" pw p'
+        'could not translate host name "***@h" to address; user "u" pw ***'
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "message", "expected"),
+    [
+        # A '/' in the password: SQLAlchemy's password is "p/a1", its host "ss@host".
+        (
+            "postgresql://u:p/a1@ss@host/db",
+            'password "p/a1" for user "u" on "ss@host" refused',
+            'password "***" for user "u" on "***@host" refused',
+        ),
+        # '#' and '?' with a raw '@': the parsed password was skipped when the host had '@'.
+        (
+            "postgresql://u:pw#x9@ss@host/db",
+            "authentication with pw#x9 failed",
+            "authentication with *** failed",
+        ),
+        (
+            "postgresql://u:pw?x9@ss@host/db",
+            "authentication with pw?x9 failed",
+            "authentication with *** failed",
+        ),
+        # Percent-encoded '@' beside a '/': decoded ("s@c/t9") and typed.
+        (
+            "postgresql://u:s%40c/t9@x@h/db",
+            "bad password s@c/t9 (typed s%40c/t9)",
+            "bad password *** (typed ***)",
+        ),
+        # A password given only in the query string, quoted as typed or decoded.
+        (
+            "postgresql://u@h/db?sslmode=disable&password=s%2Bx+y9",
+            'invalid option "password=s%2Bx+y9" ("s+x y9")',
+            'invalid option "password=***" ("***")',
+        ),
+        # A user name with ':' ("us:er"): its password may be only what follows the last ':'.
+        (
+            "postgresql://us:er:pw12@h/db",
+            'password authentication failed for user "us:er" (pw12)',
+            'password authentication failed for user "us:er" (***)',
+        ),
+    ],
+)
+def test_redact_text_hides_every_reading_of_the_password(
+    url: str, message: str, expected: str
+) -> None:
+    from dynify.search.study import redact_text
+
+    assert redact_text(message, url) == expected
+
+
+def test_redact_text_cuts_a_long_driver_message_at_a_word() -> None:
+    from dynify.search.study import redact_text
+
+    url = f"postgresql://u:{SECRET}@h/db"
+    message = f"connection to server failed for {SECRET}: " + "retrying connection " * 40
+    text = redact_text(message, url)
+    assert SECRET not in text and len(text) <= 160 and text.endswith("…")
+    head = text.removesuffix("…").split()
+    words = set(message.replace(SECRET, "***").split())
+    assert all(word in words for word in head), text  # no word cut in two
 
 
 def test_a_storage_password_is_in_no_output_of_a_whole_run(files, tmp_path: Path) -> None:
@@ -896,6 +998,79 @@ def test_an_interrupted_sampled_trial_is_not_requeued_when_its_plan_finished(
         )
     )  # fmt: skip
     assert study_module.requeue_interrupted(study) == []  # trial 3 finished these params
+
+
+def _interrupted_study(files, output: Path):
+    """A study (no presets) whose one trial, a sampled plan, was interrupted."""
+    ctx = prepare(settings_for(files, output))
+    ctx.presets = []
+    study = open_study(ctx, create=True)
+    params = {**study_module.static_params(ctx), "experts.stage1": 2}
+    distributions = {
+        k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()
+    }
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.FAIL, params=params, distributions=distributions,
+            user_attrs={"interrupted": True},
+        )
+    )  # fmt: skip
+    return ctx, study, params
+
+
+def test_two_resumes_at_once_queue_one_retry(files, tmp_path: Path) -> None:
+    """Two threads (each its own storage engine, as two processes have) resume the study at
+    the same moment; the enqueue is slowed so that, without taking turns, both would read
+    the trials before either queued the retry."""
+    import threading
+
+    ctx, _, params = _interrupted_study(files, tmp_path / "out")
+    real_enqueue = optuna.Study.enqueue_trial
+
+    def slow_enqueue(self, *args, **kwargs):
+        time.sleep(0.5)
+        return real_enqueue(self, *args, **kwargs)
+
+    barrier = threading.Barrier(2)
+    errors: list[str] = []
+
+    def resume() -> None:
+        barrier.wait()
+        try:
+            open_study(ctx, create=True)
+        except Exception as err:  # the failure is the finding
+            errors.append(f"{type(err).__name__}: {err}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(optuna.Study, "enqueue_trial", slow_enqueue)
+        threads = [threading.Thread(target=resume) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert errors == []
+    retries = [t for t in load(tmp_path / "out").trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retries) == 1 and retries[0].state == TrialState.WAITING
+    assert retries[0].system_attrs["fixed_params"] == params
+
+
+def test_a_second_retry_of_one_trial_is_not_run(files, tmp_path: Path) -> None:
+    """Two resumes on a database server (no shared lock) may both queue a retry: only the
+    first runs, the second is marked surplus."""
+    from dynify.search.study import _claim, _Surplus
+
+    ctx, study, params = _interrupted_study(files, tmp_path / "out")
+    for _ in range(2):
+        study.enqueue_trial(params, user_attrs={"retry_of": 0})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study_module, "objective", lambda trial, ctx: 50.0)
+        study.optimize(
+            lambda trial: _claim(trial, ctx, heartbeat=False), n_trials=2, catch=(_Surplus,)
+        )
+    first, second = study.trials[1:]
+    assert (first.state, first.value) == (TrialState.COMPLETE, 50.0)
+    assert second.state == TrialState.FAIL
+    assert second.user_attrs["surplus"] == "not run: trial 0 is retried by an earlier trial"
 
 
 def _create_together(settings: SearchSettings) -> tuple[list[int], list[str]]:

@@ -55,6 +55,7 @@ __all__ = [
     "check_number",
     "estimate",
     "has_heartbeat",
+    "local_storage_file",
     "make_storage",
     "open_study",
     "plan_key",
@@ -62,6 +63,7 @@ __all__ = [
     "redact_url",
     "requeue_interrupted",
     "run_worker",
+    "storage_url",
     "training_speed",
 ]
 
@@ -303,6 +305,9 @@ def prepare(settings: SearchSettings) -> SearchContext:
             check_number(name, getattr(settings, name))
     # Before any model is built or any data read: a file in the way is one line now.
     ensure_writable(settings.output, what="--output", folder=True)
+    # And the --storage file (SQLite or journal), named by the URL as redact_url shows it.
+    if settings.storage and (storage_file := local_storage_file(settings.storage)) is not None:
+        ensure_writable(storage_file, what=f"--storage {redact_url(settings.storage)!r} file")
     space = load_space(settings.space)
     budget = parse_budget(settings.budget)
     max_latency = parse_budget(settings.max_latency).value if settings.max_latency else None
@@ -700,22 +705,47 @@ def has_heartbeat(settings: SearchSettings) -> bool:
     return not (settings.storage or "").startswith("journal:")
 
 
+def storage_url(settings: SearchSettings) -> str:
+    """The storage URL of ``settings``: ``--storage``, or SQLite in the run folder."""
+    return settings.storage or f"sqlite:///{Path(settings.output).resolve() / 'study.db'}"
+
+
+# sqlite:///FILE, with or without a driver named (sqlite+pysqlite:///FILE), and its options.
+_SQLITE_FILE = re.compile(r"sqlite(?:\+\w+)?:///(?P<path>[^?]*)")
+
+
+def local_storage_file(url: str) -> Path | None:
+    """The file a ``journal:PATH`` or ``sqlite:///FILE`` URL names; None for a database server
+    or an in-memory SQLite."""
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:").removeprefix("//"))
+    match = _SQLITE_FILE.match(url)
+    if match is None or match["path"] in ("", ":memory:"):
+        return None
+    return Path(match["path"])
+
+
 def make_storage(settings: SearchSettings) -> optuna.storages.BaseStorage:
     """The study's storage: SQLite in the run folder by default; any SQLAlchemy URL
     (``postgresql://``, ``mysql://``) or ``journal:PATH`` (a journal file on a shared file
     system). RDB storages get a heartbeat, so a trial whose process died is marked failed and
     retried (up to twice) by the next process that runs the study."""
-    url = settings.storage or f"sqlite:///{Path(settings.output).resolve() / 'study.db'}"
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+    url = storage_url(settings)
+    path = local_storage_file(url)
+    folder = None if path is None else path.parent
+    try:
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = Path(url.removeprefix("journal:").removeprefix("//"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    folder = None
-    if url.startswith("sqlite:///"):
-        folder = Path(url.removeprefix("sqlite:///").partition("?")[0]).parent
-        folder.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as err:  # e.g. a file in the way, made after prepare's check
+        reason = err.strerror or type(err).__name__
+        raise DynifyError(
+            f"--storage {redact_url(url)!r}: cannot create {str(err.filename or path)!r} "
+            f"({reason}); choose another path"
+        ) from None
     shown = url
     url = _with_driver(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -743,7 +773,7 @@ def make_storage(settings: SearchSettings) -> optuna.storages.BaseStorage:
                 time.sleep(0.2 * (attempt + 1))
                 continue
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            message = shorten(redact_text(message, shown), 160)
+            message = redact_text(message, shown)
             raise DynifyError(
                 f"--storage {redact_url(shown)!r}: cannot open ({type(err).__name__}: {message}); "
                 "accepted: sqlite:///FILE, postgresql://USER:PASS@HOST/DB, mysql://..., "
@@ -853,35 +883,59 @@ def redact_url(url: str) -> str:
 
 
 def _secrets(url: str) -> list[str]:
-    """The pieces of ``url`` that must not appear in a message: its password (as typed and
-    as parsed), query-string secrets, and the whole URL when it does not parse."""
-    from urllib.parse import unquote
+    """The pieces of ``url`` that must not appear in a message: every reading of its password
+    (as SQLAlchemy parses it, as typed, percent-decoded, and the wider readings a raw '@' or a
+    user name with ':' allow), query-string secrets (as typed and decoded), and the whole URL
+    when it does not parse. Hiding a candidate that was not the password costs a word of the
+    message; missing one prints a password, so every candidate is kept."""
+    from urllib.parse import unquote, unquote_plus
 
     from sqlalchemy.engine import make_url
 
+    rest = url.partition("://")[2]
     try:
         parsed = make_url(url)
     except Exception:
-        return [url, url.partition("://")[2]]
+        return [url, rest]
     found = [url]
-    netloc = url.partition("://")[2].split("/")[0]
-    userinfo = netloc.rpartition("@")[0]  # up to the last '@': a password may hold one
-    if ":" in userinfo:
-        typed = userinfo.partition(":")[2]
-        found += [typed, unquote(typed)]
-    if parsed.host and "@" in parsed.host:
-        # The rest of a password with a raw '@', which drivers quote as part of the host.
-        found.append(parsed.host.rsplit("@", 1)[0])
-    elif parsed.password:
+    if parsed.password is not None:
         found.append(str(parsed.password))
+    # SQLAlchemy's reading: the user name stops at ':' or '/', the password at the first '@'
+    # (so it may hold '/', '?' or '#'); that text as typed, before percent-decoding.
+    user = re.split(r"[:/]", rest, maxsplit=1)[0]
+    typed = rest[len(user) + 1 :].partition("@")[0] if parsed.password is not None else ""
+    found.append(typed)
+    if parsed.host and "@" in parsed.host:
+        # A password with a raw '@': SQLAlchemy reads the text after its first '@' as part of
+        # the host, and drivers quote that host; its head is the rest of the password.
+        tail = parsed.host.rsplit("@", 1)[0]
+        found += [tail, f"{typed}@{tail}"]
+    # The widest reading: everything before the last '@' is user and password, and the
+    # password starts after any ':' in it (a user name may hold ':').
+    userinfo = rest.rpartition("@")[0]
+    for i, char in enumerate(userinfo):
+        if char == ":":
+            found.append(userinfo[i + 1 :])
     for key, value in parsed.query.items():
         if _SECRET_QUERY.search(key):
             found += [value] if isinstance(value, str) else list(value)
-    return [f for f in found if f]
+    # The query as typed: a driver may quote a value before it is decoded.
+    for pair in rest.partition("?")[2].split("&"):
+        key, _, value = pair.partition("=")
+        if _SECRET_QUERY.search(unquote_plus(key)):
+            found += [value, unquote_plus(value)]
+    found += [unquote(f) for f in found[1:]]  # the URL itself is replaced by redact_url's
+    return list(dict.fromkeys(f for f in found if f))
 
 
-def redact_text(text: str, url: str) -> str:
-    """``text`` (e.g. a driver's error message) with every secret of ``url`` hidden."""
+# The longest driver message a storage error quotes (cut at a word by ``shorten``).
+MESSAGE_LIMIT = 160
+
+
+def redact_text(text: str, url: str, *, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` (e.g. a driver's error message) with every secret of ``url`` hidden, cut to
+    ``limit`` characters at a word. Secrets are hidden before the cut, so a cut cannot leave
+    part of one that the replacement would then miss."""
     for secret in sorted(_secrets(url), key=len, reverse=True):
         if secret == url:
             text = text.replace(url, redact_url(url))
@@ -889,7 +943,7 @@ def redact_text(text: str, url: str) -> str:
             text = text.replace(secret, HIDDEN)
         else:  # a short one only where it stands alone, not inside every word
             text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", HIDDEN, text)
-    return text
+    return shorten(text, limit)
 
 
 def study_name(ctx: SearchContext) -> str:
@@ -994,7 +1048,12 @@ def open_study(ctx: SearchContext, *, create: bool) -> optuna.Study:
             params = static_params(ctx) if preset == STATIC else {}
             study.enqueue_trial(params, user_attrs={"preset": preset})
     if create:
-        requeue_interrupted(study)
+        # Two resumes at once must not both queue a retry of the same trial: on a local
+        # storage they take turns under the folder lock that guards its creation, each reading
+        # the trials afresh under it; on a server, _claim runs only the first of two retries.
+        path = local_storage_file(storage_url(ctx.settings))
+        with _folder_lock(None if path is None else path.parent):
+            requeue_interrupted(study)
     return study
 
 
@@ -1013,6 +1072,8 @@ def _claim(
 
     - a preset that another live trial (finished, running or queued ahead of it) already
       runs: two processes that opened a new study together may both have queued the presets;
+    - likewise a retry of an interrupted trial that an earlier live trial already retries
+      (two resumes at once on a database server may both have queued it);
     - with a heartbeat, a trial the trials before it (finished or running) leave no room for:
       two processes may ask for the study's last trial at the same moment, and the one with
       the higher number steps aside, so the study ends with exactly ``--trials`` finished.
@@ -1026,6 +1087,14 @@ def _claim(
         for t in trials
     ):
         note = f"not run: the {preset} preset is run by an earlier trial"
+        trial.set_user_attr("surplus", note)
+        raise _Surplus(note)
+    retry_of = mine.user_attrs.get("retry_of")
+    if retry_of is not None and any(
+        t.user_attrs.get("retry_of") == retry_of and t.state in live and t.number < trial.number
+        for t in trials
+    ):
+        note = f"not run: trial {retry_of} is retried by an earlier trial"
         trial.set_user_attr("surplus", note)
         raise _Surplus(note)
     if heartbeat:
