@@ -177,9 +177,11 @@ def test_the_open_watch_sees_a_read(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_classes": -1}, "num_classes must be a positive integer, got -1"),
-        ({"num_classes": True}, "num_classes must be a positive integer, got True"),
-        ({"in_chans": "3"}, "in_chans must be a positive integer, got '3'"),
+        ({"num_classes": -1}, "num_classes must be an integer from 1 to 1,048,576, got -1"),
+        ({"num_classes": True}, "num_classes must be an integer from 1 to 1,048,576, got True"),
+        ({"in_chans": "3"}, "in_chans must be an integer from 1 to 1,048,576, got '3'"),
+        ({"num_classes": 2**62}, "num_classes must be an integer from 1 to 1,048,576, got 4611"),
+        ({"channels": [8, 2**62]}, r"channels must be a list of 1 to 16 integers from 1 to 1,0"),
         ({"global_pool": "evil"}, "global_pool must be one of '', 'avg'"),
         ({"drop_rate": 1.0}, r"drop_rate must be a number in \[0, 1\), got 1.0"),
         ({"drop_path_rate": -0.1}, r"drop_path_rate must be a number in \[0, 1\)"),
@@ -335,29 +337,65 @@ def test_an_expert_bomb_in_the_plan_is_refused_before_building(good: Path, tmp_p
     plan = _layer_edit(good, index, "settings", experts=10**9)
     hostile = forge(good, tmp_path / "h.safetensors", plan=plan)
     start = time.perf_counter()
-    with pytest.raises(DynifyError, match=r"the plan needs [\d,.]+ GiB of parameters") as info:
+    name = layers[index]["site"]["name"]
+    with pytest.raises(DynifyError, match=rf"tensor '{name}.weight' is \[4, .*\] in the file, "):
+        dynify.load(hostile)
+    assert time.perf_counter() - start < 5
+
+
+def test_experts_the_file_does_not_hold_are_refused_before_allocating(
+    good: Path, tmp_path: Path
+) -> None:
+    """Every converted layer at 200 experts beside one one-element tensor (17 KB): refused
+    from the header alone, not after building an 8.5 GB model (the reviewer's finding)."""
+    import resource
+    import time
+
+    plan = _plan(good)
+    for layer in plan["layers"]:
+        if layer["settings"]["convert"]:
+            layer["settings"]["experts"] = 200
+    hostile = tmp_path / "h.safetensors"
+    save_file(
+        {"w": torch.zeros(1)}, str(hostile), metadata={**_metadata(good), "plan": json.dumps(plan)}
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    start = time.perf_counter()
+    with pytest.raises(
+        DynifyError, match=r"weights do not fit resnet18 as planned: tensor"
+    ) as info:
         dynify.load(hostile)
     assert time.perf_counter() - start < 5 and "\n" not in str(info.value)
+    # The 200-expert model would take over 1 GB more than the process ever used so far.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**20
 
 
 def test_weights_that_do_not_fit_are_reported_in_whole_words(good: Path, tmp_path: Path) -> None:
     import re
 
     tensors = {k: v for k, v in load_file(str(good)).items() if not k.startswith("layer")}
+    tensors["x" * 2**20] = torch.zeros(1)
     hostile = tmp_path / "h.safetensors"
     save_file(tensors, str(hostile), metadata=_metadata(good))
     with pytest.raises(DynifyError, match="weights do not fit resnet18 as planned") as info:
         dynify.load(hostile)
     message = str(info.value)
     assert "\n" not in message and len(message) < 500
-    # Cut after a whole (quoted) key name, never inside one.
-    assert re.search(r'"[\w.]+"…\)$', message), message
+    assert re.search(r"tensor 'layer1\.0\.conv1\.weight' \(\[\d+, 64, 3, 3\]\) is not", message)
+    del tensors["x" * 2**20]
+    tensors.update({k: v for k, v in load_file(str(good)).items() if k.startswith("layer")})
+    tensors["x" * 2**20] = torch.zeros(1)  # an unexpected key of a megabyte: quoted short
+    save_file(tensors, str(hostile), metadata=_metadata(good))
+    with pytest.raises(DynifyError, match=r"the file's tensor 'x+… is not in the model") as info:
+        dynify.load(hostile)
+    assert len(str(info.value)) < 300
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_classes": 10**9}, r"of [\d,.]+ GiB before conversion, but the file holds"),
+        ({"num_classes": 10**6}, r"tensor 'fc.weight' is \[7, 512\] in the file, \[1000000, 512\]"),
+        ({"num_classes": 10**9}, r"num_classes must be an integer from 1 to 1,048,576"),
         ({"layers": [10**9, 2, 2, 2]}, r"layers must be a list of 1 to 16 integers from 1 to"),
     ],
 )
