@@ -420,3 +420,93 @@ def test_architecture_kwargs_users_pass_round_trip(tmp_path: Path) -> None:
     x = torch.randn(1, *SIZE)
     with torch.no_grad():
         assert torch.equal(loaded(x), converted.eval()(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # resnet asserts its pool is one SelectAdaptivePool2d knows (an AssertionError).
+        ({"global_pool": "token"}, r"model_kwargs \{'global_pool': 'token'\} do not build a"),
+        ({"global_pool": "map"}, r"model_kwargs \{'global_pool': 'map'\} do not build a"),
+        ({"embed_dim": 64}, r"do not build a resnet18 \(TypeError: "),
+    ],
+)
+def test_kwargs_the_architecture_rejects_are_one_line(
+    good: Path, tmp_path: Path, kwargs: dict, message: str
+) -> None:
+    hostile = forge(good, tmp_path / "h.safetensors", model_kwargs=kwargs)
+    with pytest.raises(DynifyError, match=message) as info:
+        dynify.load(hostile)
+    assert str(hostile) in str(info.value) and "\n" not in str(info.value)
+    assert info.value.__cause__ is not None  # the original error is kept for debugging
+
+
+def test_a_meta_build_that_fails_is_refused_not_skipped(
+    good: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The old size check returned silently when the meta build failed (stem_width 2**33),
+    leaving the real build to hit the allocator."""
+    calls: list[str] = []
+    real = timm.create_model
+
+    def meta_fails(*args: Any, **kwargs: Any) -> nn.Module:
+        if torch.empty(0).device.type == "meta":
+            raise RuntimeError("Storage size calculation overflowed")
+        calls.append("real build")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", meta_fails)
+    with pytest.raises(DynifyError, match=r"do not build a resnet18 \(RuntimeError: Storage"):
+        dynify.load(good)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ([3, 10**6, 10**6], r"input_size\[1\]: expected three integers .* to 8192, got 1,000,000"),
+        ([5000, 32, 32], r"input_size\[0\]: expected three integers \(C, H, W\), C from 1 to 4096"),
+    ],
+)
+def test_a_huge_input_size_is_refused(good: Path, tmp_path: Path, size: list, message: str) -> None:
+    hostile = forge(good, tmp_path / "h.safetensors", plan={**_plan(good), "input_size": size})
+    with pytest.raises(DynifyError, match=message):
+        read_info(hostile)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"model_kwargs": {"x" * 8 * 2**20: 1}},
+        {"model_kwargs": {"channels": list(range(1, 10**6))}},
+        {"model_kwargs": {"channels": ["x" * 2**20]}},
+        {"plan": {"layers": [], "input_size": "x" * 4 * 2**20}},
+        {"plan": {"layers": [], "input_size": [3, 32, 32], "x" * 4 * 2**20: 1}},
+        {"plan": {"layers": [], "input_size": [3, 32, 32], "recipe": ["x" * 4 * 2**20]}},
+    ],
+)
+def test_messages_quote_huge_values_short(good: Path, tmp_path: Path, fields: dict) -> None:
+    hostile = forge(good, tmp_path / "h.safetensors", **fields)
+    with pytest.raises(DynifyError) as info:
+        read_info(hostile)
+    # The path, a quoted value of 80 characters and at most the list of accepted keys.
+    assert len(str(info.value)) < 400 + len(str(hostile)), str(info.value)[:500]
+
+
+@pytest.mark.parametrize(
+    ("name", "found"),
+    [("", "ResNet"), ("fc", "Linear"), ("layer1.0.nosuch", "no such module")],
+)
+def test_a_plan_layer_that_is_no_conv_names_the_file_and_the_key(
+    good: Path, tmp_path: Path, name: str, found: str
+) -> None:
+    layers = _plan(good)["layers"]
+    index = next(i for i, lp in enumerate(layers) if lp["settings"]["convert"])
+    hostile = forge(
+        good, tmp_path / "h.safetensors", plan=_layer_edit(good, index, "site", name=name)
+    )
+    with pytest.raises(DynifyError) as info:
+        dynify.load(hostile)
+    message = str(info.value)
+    assert message.startswith(f"{str(hostile)!r}: plan: layers[{index}].site.name: {name!r}")
+    assert "is not a conv resnet18 can convert" in message and found in message
