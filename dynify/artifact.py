@@ -30,7 +30,7 @@ from dynify._io import atomic_path
 from dynify._version import __version__
 from dynify.convert import apply, model_name_of, plan_of
 from dynify.errors import DynifyError, did_you_mean, shorten
-from dynify.models import check_model_name
+from dynify.models import MAX_COUNT, check_model_name
 from dynify.plan import Plan, quoted
 
 __all__ = [
@@ -62,12 +62,11 @@ GLOBAL_POOLS: tuple[str, ...] = (
     "map",
 )
 
-# Bounds far above any timm model (resnet200 has 36 blocks in a stage, the widest
-# classifier has 21,843 classes), so that building the architecture's skeleton to compare
-# it with the file (see load) never loops for long nor overflows a size computation.
+# Bounds far above any timm model (resnet200 has 36 blocks in a stage; counts such as
+# num_classes up to dynify.models.MAX_COUNT), so that building the architecture's skeleton
+# to compare it with the file (see load) never loops for long nor overflows a size.
 _MAX_STAGES = 16
 _MAX_BLOCKS = 1024
-MAX_COUNT = 2**20
 
 # What each kind of accepted keyword argument must be.
 _KIND_TEXT = {
@@ -169,7 +168,7 @@ def save(
         k: list(v) if isinstance(v, tuple) else v for k, v in dict(model_kwargs or {}).items()
     }
     check_model_kwargs(kwargs, where="model_kwargs")
-    check_model_name(name, where="model_name")
+    check_model_name(name, where="model_name", plain=True)
     if "num_classes" not in kwargs and isinstance(getattr(model, "num_classes", None), int):
         kwargs["num_classes"] = model.num_classes
     in_chans = _input_channels(plan)
@@ -303,7 +302,7 @@ def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     for key in ("model_name", "model_kwargs", "plan"):
         if key not in meta:
             raise DynifyError(f"{where}: damaged dynify metadata: {key!r} is missing")
-    model_name = check_model_name(meta["model_name"], where=f"{where}: model_name")
+    model_name = check_model_name(meta["model_name"], where=f"{where}: model_name", plain=True)
     kwargs = _json_field(meta, "model_kwargs", where, dict)
     check_model_kwargs(kwargs, where=f"{where}: model_kwargs")
     plan = _json_field(meta, "plan", where, dict)

@@ -510,3 +510,15 @@ def test_a_plan_layer_that_is_no_conv_names_the_file_and_the_key(
     message = str(info.value)
     assert message.startswith(f"{str(hostile)!r}: plan: layers[{index}].site.name: {name!r}")
     assert "is not a conv resnet18 can convert" in message and found in message
+
+
+@pytest.mark.parametrize("name", ["resnet18.nosuchtag", "resnet18.hf-hub:x", "resnet18.a1_in1k"])
+def test_a_tagged_model_name_is_refused(good: Path, tmp_path: Path, name: str, capsys) -> None:
+    hostile = forge(good, tmp_path / "h.safetensors", model_name=name)
+    with pytest.raises(DynifyError, match=rf"model_name: '{name}' is not a plain architecture"):
+        read_info(hostile)
+    out_file = tmp_path / "again.safetensors"
+    code = main(["convert", "--from", str(hostile), "--output", str(out_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out_file.exists()
