@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, shorten
 
 __all__ = [
     "atomic_path",
@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_text",
     "ensure_writable",
     "remove_stale_temporaries",
+    "write_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,18 @@ def ensure_writable(
     return target
 
 
-def _write_error(target: Path, err: OSError) -> DynifyError:
-    reason = err.strerror or str(err) or type(err).__name__
+def write_error(target: str | os.PathLike[str], err: BaseException) -> DynifyError:
+    """The one line for a write of ``target`` that failed with ``err``: an OSError (a full
+    disk, a file-size limit), or another library's wrapping of one (safetensors'
+    ``SafetensorError: ... I/O error: File too large (os error 27)``, torch's
+    ``RuntimeError: [enforce fail at inline_container.cc]`` raised while handling it)."""
+    cause = err if isinstance(err, OSError) else err.__cause__ or err.__context__
+    if isinstance(cause, OSError):
+        reason = cause.strerror or str(cause) or type(cause).__name__
+    else:
+        text = str(err)
+        io_error = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
+        reason = io_error[1] if io_error else shorten(text, 120) or type(err).__name__
     return DynifyError(f"could not write {str(target)!r}: {reason}")
 
 
@@ -181,14 +192,14 @@ def atomic_path(path: str | os.PathLike[str], *, private_folder: bool = False) -
             os.close(fd)
             holder = tmp_path = Path(tmp)
     except OSError as err:
-        raise _write_error(target, err) from err
+        raise write_error(target, err) from err
     try:
         yield tmp_path
         # mkstemp (and safetensors' own temporary) create files private (0600).
         os.chmod(tmp_path, _umask_mode())
         os.replace(tmp_path, target)
     except OSError as err:
-        raise _write_error(target, err) from err
+        raise write_error(target, err) from err
     finally:
         with contextlib.suppress(OSError):
             if private_folder:
@@ -213,6 +224,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     with atomic_path(path) as tmp:
         f: IO[bytes]
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as err:
+                # torch's writer turns a failed write (a full disk) into its own error.
+                if not isinstance(err.__cause__ or err.__context__, OSError):
+                    raise
+                raise write_error(path, err) from err
             f.flush()
             os.fsync(f.fileno())

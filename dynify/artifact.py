@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynify._io import atomic_path
+from dynify._io import atomic_path, write_error
 from dynify._version import __version__
 from dynify.convert import apply, model_name_of, plan_of
 from dynify.errors import DynifyError, did_you_mean, shorten
@@ -157,6 +157,7 @@ def save(
         extra: more JSON-serialisable metadata to keep beside (e.g. training results).
     """
     import timm
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     plan = plan_of(model)
@@ -188,7 +189,10 @@ def save(
     # safetensors writes a temporary of its own beside the file it is given: a private
     # folder keeps it where a later write finds it if this process is killed.
     with atomic_path(target, private_folder=True) as tmp:
-        save_model(model, str(tmp), metadata=metadata)
+        try:
+            save_model(model, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # its wrapping of an OSError (a full disk)
+            raise write_error(target, err) from err
     return target
 
 
