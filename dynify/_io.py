@@ -100,11 +100,19 @@ def write_error(target: str | os.PathLike[str], err: BaseException) -> DynifyErr
     return DynifyError(f"could not write {str(target)!r}: {reason}")
 
 
-# Temporaries are named ``.<target name>.<host>.<pid>.<random>.tmp`` so that a later write
-# to the same target can tell whose they are: one whose writer (same host, that pid) is gone
-# was left by a killed process (SIGKILL, out of memory, power) and is removed; any other,
-# a live writer's or another host's on a shared folder, is left alone.
+# Temporaries are named ``.<target name>.<host>.<pid>.<random>.tmp`` (which target they
+# belong to, and for a person who finds one, whose) and their writer holds an exclusive
+# flock on each for the whole write. A later write to the same target removes those whose
+# lock it can take: the kernel releases a lock when its holder dies (SIGKILL, out of
+# memory), so a free lock means an abandoned temporary, whichever host or container wrote
+# it, whereas a pid says nothing across containers sharing a folder and a host name. Where
+# there is no flock (Windows), nothing is ever removed.
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 
 def _temporary_pattern(target: Path) -> re.Pattern[str]:
@@ -113,44 +121,58 @@ def _temporary_pattern(target: Path) -> re.Pattern[str]:
     )
 
 
-def _process_alive(pid: int) -> bool:
+def _lock(path: Path, *, wait: bool) -> int | None:
+    """An open descriptor of ``path`` (a file or a folder, never through a symlink) holding
+    its exclusive flock, or ``None`` when another holds it (``wait=False``) or it cannot be
+    opened."""
+    assert fcntl is not None
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    if path.is_dir() and not path.is_symlink():
+        flags |= getattr(os, "O_DIRECTORY", 0)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    except OverflowError:  # not a pid this system can have
-        return False
-    return True
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:  # BlockingIOError: a live writer holds it
+        os.close(fd)
+        return None
+    return fd
 
 
 def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporaries an earlier, killed writer of ``path`` left beside it.
 
-    Only this host's temporaries of this very target whose writer process no longer exists
-    are removed (a file, or a folder of a writer that makes its own temporaries, such as
-    safetensors); a live writer's are never touched. Returns what was removed.
+    Only temporaries of this very target whose flock nobody holds are removed (a file, or
+    the folder of a writer that makes its own temporaries, such as safetensors); a live
+    writer's, which holds its lock, are never touched. Returns what was removed.
     """
     target = Path(path)
+    removed: list[Path] = []
+    if fcntl is None:
+        return removed
     pattern = _temporary_pattern(target)
-    removed = []
     try:
         entries = list(target.parent.iterdir())
     except OSError:
         return removed
     for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if match is None or match["host"] != _HOST or int(match["pid"]) == os.getpid():
+        if pattern.fullmatch(entry.name) is None:
             continue
-        if _process_alive(int(match["pid"])):
+        fd = _lock(entry, wait=False)
+        if fd is None:
             continue
-        with contextlib.suppress(OSError):
+        try:  # removed while holding the lock, so no writer can take it over meanwhile
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
             removed.append(entry)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     if removed:
         logger.info("removed %d temporary file(s) a killed writer of %s left", len(removed), target)
     return removed
@@ -181,6 +203,7 @@ def atomic_path(path: str | os.PathLike[str], *, private_folder: bool = False) -
     target = Path(path)
     ensure_writable(target)
     prefix = f".{target.name}.{_HOST}.{os.getpid()}."
+    lock: int | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(target)
@@ -191,6 +214,8 @@ def atomic_path(path: str | os.PathLike[str], *, private_folder: bool = False) -
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
             os.close(fd)
             holder = tmp_path = Path(tmp)
+        # Held until the temporary is gone: how a later write tells it is not abandoned.
+        lock = None if fcntl is None else _lock(holder, wait=True)
     except OSError as err:
         raise write_error(target, err) from err
     try:
@@ -206,6 +231,8 @@ def atomic_path(path: str | os.PathLike[str], *, private_folder: bool = False) -
                 shutil.rmtree(holder)
             else:
                 holder.unlink()
+        if lock is not None:
+            os.close(lock)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
