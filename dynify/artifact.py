@@ -17,6 +17,7 @@ changes the architecture's shape, never where weights come from: ``pretrained``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -322,9 +323,10 @@ def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     )
 
 
-def _skeleton(info: ArtifactInfo, where: str) -> nn.Module:
-    """The converted model the metadata describe, built on the meta device (no memory), so
-    that it can be compared with the file's tensors before anything is allocated.
+def _build(info: ArtifactInfo, where: str, *, meta: bool) -> nn.Module:
+    """The converted model the metadata describe, with random weights; on the meta device
+    (``meta``: no memory), so that it can be compared with the file's tensors before
+    anything is allocated.
 
     Raises:
         DynifyError: one line naming the artifact and the field at fault when the
@@ -335,8 +337,11 @@ def _skeleton(info: ArtifactInfo, where: str) -> nn.Module:
     from dynify.convert import conversion_kind
 
     name, kwargs = info["model_name"], info["model_kwargs"]
+    # Never pretrained: the file's own tensors are the weights (read_info refused any other
+    # source of weights in model_kwargs).
+    place = torch.device("meta") if meta else contextlib.nullcontext()
     try:
-        with torch.device("meta"):
+        with place:
             model = timm.create_model(name, pretrained=False, **kwargs)
     except (RuntimeError, ValueError, AssertionError, TypeError, IndexError, KeyError) as err:
         raise DynifyError(
@@ -359,7 +364,7 @@ def _skeleton(info: ArtifactInfo, where: str) -> nn.Module:
                 f"{name} can convert ({reason}); expected the name of one of its convs"
             )
     try:
-        with torch.device("meta"):
+        with place:
             return apply(model, plan, inplace=True, check=False)
     except DynifyError as err:
         raise DynifyError(f"{where}: plan: {err}") from err
@@ -381,7 +386,7 @@ def _check_tensors(skeleton: nn.Module, info: ArtifactInfo, path: Path, where: s
     """
     from safetensors import safe_open
 
-    from dynify.convert import available_memory
+    from dynify.convert import _gib, available_memory
 
     with safe_open(str(path), framework="pt") as f:
         stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
@@ -414,8 +419,7 @@ def _check_tensors(skeleton: nn.Module, info: ArtifactInfo, path: Path, where: s
     available = available_memory(torch.device("cpu"))
     if available is not None and need > available:
         raise DynifyError(
-            f"{where}: the model takes {need / 2**30:,.1f} GiB; this machine has "
-            f"{available / 2**30:,.1f} GiB available"
+            f"{where}: the model takes {_gib(need)}; this machine has {_gib(available)} available"
         )
 
 
@@ -428,15 +432,10 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     """
     from safetensors.torch import load_model
 
-    from dynify.models import create_model
-
     info = read_info(path)
     where = repr(str(path))
-    _check_tensors(_skeleton(info, where), info, Path(path), where)
-    # Never pretrained: the file's own tensors are the weights (read_info refused any other
-    # source of weights in model_kwargs).
-    model = create_model(info["model_name"], pretrained=False, **info["model_kwargs"])
-    model = apply(model, info.plan, inplace=True, check=False)
+    _check_tensors(_build(info, where, meta=True), info, Path(path), where)
+    model = _build(info, where, meta=False)
     try:
         load_model(model, str(path), strict=True, device=str(device))
     except RuntimeError as err:

@@ -182,6 +182,7 @@ def test_the_open_watch_sees_a_read(tmp_path: Path) -> None:
         ({"in_chans": "3"}, "in_chans must be an integer from 1 to 1,048,576, got '3'"),
         ({"num_classes": 2**62}, "num_classes must be an integer from 1 to 1,048,576, got 4611"),
         ({"channels": [8, 2**62]}, r"channels must be a list of 1 to 16 integers from 1 to 1,0"),
+        ({"stem_width": 2**33}, "stem_width must be an integer from 1 to 1,048,576, got 8589"),
         ({"global_pool": "evil"}, "global_pool must be one of '', 'avg'"),
         ({"drop_rate": 1.0}, r"drop_rate must be a number in \[0, 1\), got 1.0"),
         ({"drop_path_rate": -0.1}, r"drop_path_rate must be a number in \[0, 1\)"),
@@ -522,3 +523,24 @@ def test_a_tagged_model_name_is_refused(good: Path, tmp_path: Path, name: str, c
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out_file.exists()
+
+
+def test_a_model_bigger_than_the_memory_is_refused_before_building(good: Path, monkeypatch) -> None:
+    from dynify import convert
+
+    monkeypatch.setattr(
+        convert, "available_memory", lambda device: 2**20 if device.type == "cpu" else None
+    )
+    built_on: list[str] = []
+    real = timm.create_model
+
+    def recording(*args: Any, **kwargs: Any) -> nn.Module:
+        built_on.append(torch.empty(0).device.type)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    with pytest.raises(
+        DynifyError, match=r"the model takes [\d,.]+ [MG]iB; this machine has 1 MiB"
+    ):
+        dynify.load(good)
+    assert built_on == ["meta"]
