@@ -196,9 +196,9 @@ def atomic_path(path: str | os.PathLike[str], *, private_folder: bool = False) -
             to a ``.tmpXXXXXX`` file in that folder, then renames it): a crash then leaves
             everything inside the one folder, which a later write removes.
 
-    The temporary's name carries this process's id; temporaries of the same target left by
-    a writer that was killed are removed first (:func:`remove_stale_temporaries`). The file
-    gets the mode a plain ``open()`` would give it, whoever created it.
+    The temporary is flock-ed for the whole write; temporaries of the same target whose lock
+    is free (their writer was killed) are removed first (:func:`remove_stale_temporaries`).
+    The file gets the mode a plain ``open()`` would give it, whoever created it.
     """
     target = Path(path)
     ensure_writable(target)
@@ -207,15 +207,20 @@ def atomic_path(path: str | os.PathLike[str], *, private_folder: bool = False) -
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(target)
+        # The lock is held until the temporary is gone (how a later write tells it is not
+        # abandoned), taken at once so that a concurrent cleanup has no time to see it free.
         if private_folder:
             holder = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=target.parent))
             tmp_path = holder / target.name
+            lock = None if fcntl is None else _lock(holder, wait=True)
         else:
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
-            os.close(fd)
             holder = tmp_path = Path(tmp)
-        # Held until the temporary is gone: how a later write tells it is not abandoned.
-        lock = None if fcntl is None else _lock(holder, wait=True)
+            if fcntl is None:
+                os.close(fd)
+            else:
+                lock = fd
+                fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as err:
         raise write_error(target, err) from err
     try:
