@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, shorten
 
 __all__ = [
     "atomic_path",
@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_text",
     "ensure_writable",
     "remove_stale_temporaries",
+    "write_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,16 +85,34 @@ def ensure_writable(
     return target
 
 
-def _write_error(target: Path, err: OSError) -> DynifyError:
-    reason = err.strerror or str(err) or type(err).__name__
+def write_error(target: str | os.PathLike[str], err: BaseException) -> DynifyError:
+    """The one line for a write of ``target`` that failed with ``err``: an OSError (a full
+    disk, a file-size limit), or another library's wrapping of one (safetensors'
+    ``SafetensorError: ... I/O error: File too large (os error 27)``, torch's
+    ``RuntimeError: [enforce fail at inline_container.cc]`` raised while handling it)."""
+    cause = err if isinstance(err, OSError) else err.__cause__ or err.__context__
+    if isinstance(cause, OSError):
+        reason = cause.strerror or str(cause) or type(cause).__name__
+    else:
+        text = str(err)
+        io_error = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
+        reason = io_error[1] if io_error else shorten(text, 120) or type(err).__name__
     return DynifyError(f"could not write {str(target)!r}: {reason}")
 
 
-# Temporaries are named ``.<target name>.<host>.<pid>.<random>.tmp`` so that a later write
-# to the same target can tell whose they are: one whose writer (same host, that pid) is gone
-# was left by a killed process (SIGKILL, out of memory, power) and is removed; any other,
-# a live writer's or another host's on a shared folder, is left alone.
+# Temporaries are named ``.<target name>.<host>.<pid>.<random>.tmp`` (which target they
+# belong to, and for a person who finds one, whose) and their writer holds an exclusive
+# flock on each for the whole write. A later write to the same target removes those whose
+# lock it can take: the kernel releases a lock when its holder dies (SIGKILL, out of
+# memory), so a free lock means an abandoned temporary, whichever host or container wrote
+# it, whereas a pid says nothing across containers sharing a folder and a host name. Where
+# there is no flock (Windows), nothing is ever removed.
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 
 def _temporary_pattern(target: Path) -> re.Pattern[str]:
@@ -102,44 +121,58 @@ def _temporary_pattern(target: Path) -> re.Pattern[str]:
     )
 
 
-def _process_alive(pid: int) -> bool:
+def _lock(path: Path, *, wait: bool) -> int | None:
+    """An open descriptor of ``path`` (a file or a folder, never through a symlink) holding
+    its exclusive flock, or ``None`` when another holds it (``wait=False``) or it cannot be
+    opened."""
+    assert fcntl is not None
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    if path.is_dir() and not path.is_symlink():
+        flags |= getattr(os, "O_DIRECTORY", 0)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    except OverflowError:  # not a pid this system can have
-        return False
-    return True
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:  # BlockingIOError: a live writer holds it
+        os.close(fd)
+        return None
+    return fd
 
 
 def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporaries an earlier, killed writer of ``path`` left beside it.
 
-    Only this host's temporaries of this very target whose writer process no longer exists
-    are removed (a file, or a folder of a writer that makes its own temporaries, such as
-    safetensors); a live writer's are never touched. Returns what was removed.
+    Only temporaries of this very target whose flock nobody holds are removed (a file, or
+    the folder of a writer that makes its own temporaries, such as safetensors); a live
+    writer's, which holds its lock, are never touched. Returns what was removed.
     """
     target = Path(path)
+    removed: list[Path] = []
+    if fcntl is None:
+        return removed
     pattern = _temporary_pattern(target)
-    removed = []
     try:
         entries = list(target.parent.iterdir())
     except OSError:
         return removed
     for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if match is None or match["host"] != _HOST or int(match["pid"]) == os.getpid():
+        if pattern.fullmatch(entry.name) is None:
             continue
-        if _process_alive(int(match["pid"])):
+        fd = _lock(entry, wait=False)
+        if fd is None:
             continue
-        with contextlib.suppress(OSError):
+        try:  # removed while holding the lock, so no writer can take it over meanwhile
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
             removed.append(entry)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     if removed:
         logger.info("removed %d temporary file(s) a killed writer of %s left", len(removed), target)
     return removed
@@ -163,38 +196,48 @@ def atomic_path(path: str | os.PathLike[str], *, private_folder: bool = False) -
             to a ``.tmpXXXXXX`` file in that folder, then renames it): a crash then leaves
             everything inside the one folder, which a later write removes.
 
-    The temporary's name carries this process's id; temporaries of the same target left by
-    a writer that was killed are removed first (:func:`remove_stale_temporaries`). The file
-    gets the mode a plain ``open()`` would give it, whoever created it.
+    The temporary is flock-ed for the whole write; temporaries of the same target whose lock
+    is free (their writer was killed) are removed first (:func:`remove_stale_temporaries`).
+    The file gets the mode a plain ``open()`` would give it, whoever created it.
     """
     target = Path(path)
     ensure_writable(target)
     prefix = f".{target.name}.{_HOST}.{os.getpid()}."
+    lock: int | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(target)
+        # The lock is held until the temporary is gone (how a later write tells it is not
+        # abandoned), taken at once so that a concurrent cleanup has no time to see it free.
         if private_folder:
             holder = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=target.parent))
             tmp_path = holder / target.name
+            lock = None if fcntl is None else _lock(holder, wait=True)
         else:
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
-            os.close(fd)
             holder = tmp_path = Path(tmp)
+            if fcntl is None:
+                os.close(fd)
+            else:
+                lock = fd
+                fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as err:
-        raise _write_error(target, err) from err
+        raise write_error(target, err) from err
     try:
         yield tmp_path
         # mkstemp (and safetensors' own temporary) create files private (0600).
         os.chmod(tmp_path, _umask_mode())
         os.replace(tmp_path, target)
     except OSError as err:
-        raise _write_error(target, err) from err
+        raise write_error(target, err) from err
     finally:
         with contextlib.suppress(OSError):
             if private_folder:
                 shutil.rmtree(holder)
             else:
                 holder.unlink()
+        if lock is not None:
+            os.close(lock)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -213,6 +256,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     with atomic_path(path) as tmp:
         f: IO[bytes]
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as err:
+                # torch's writer turns a failed write (a full disk) into its own error.
+                if not isinstance(err.__cause__ or err.__context__, OSError):
+                    raise
+                raise write_error(path, err) from err
             f.flush()
             os.fsync(f.fileno())

@@ -17,6 +17,7 @@ changes the architecture's shape, never where weights come from: ``pretrained``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,12 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynify._io import atomic_path
+from dynify._io import atomic_path, write_error
 from dynify._version import __version__
 from dynify.convert import apply, model_name_of, plan_of
 from dynify.errors import DynifyError, did_you_mean, shorten
-from dynify.models import check_model_name
-from dynify.plan import Plan
+from dynify.models import MAX_COUNT, check_model_name
+from dynify.plan import Plan, quoted
 
 __all__ = [
     "FORMAT",
@@ -62,15 +63,16 @@ GLOBAL_POOLS: tuple[str, ...] = (
     "map",
 )
 
-# Bounds far above any timm model (resnet200 has 36 blocks in a stage), so that building
-# the architecture's skeleton to price it (see load) never loops for long.
+# Bounds far above any timm model (resnet200 has 36 blocks in a stage; counts such as
+# num_classes up to dynify.models.MAX_COUNT), so that building the architecture's skeleton
+# to compare it with the file (see load) never loops for long nor overflows a size.
 _MAX_STAGES = 16
 _MAX_BLOCKS = 1024
 
 # What each kind of accepted keyword argument must be.
 _KIND_TEXT = {
-    "count": "a positive integer",
-    "counts": f"a list of 1 to {_MAX_STAGES} positive integers",
+    "count": f"an integer from 1 to {MAX_COUNT:,}",
+    "counts": f"a list of 1 to {_MAX_STAGES} integers from 1 to {MAX_COUNT:,}",
     "blocks": f"a list of 1 to {_MAX_STAGES} integers from 1 to {_MAX_BLOCKS}",
     "rate": "a number in [0, 1)",
     "multiplier": "a finite number > 0",
@@ -104,7 +106,7 @@ MODEL_KWARGS: dict[str, str] = {
 
 def _valid_kwarg(kind: str, value: Any) -> bool:
     def count(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_COUNT
 
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if kind == "count":
@@ -156,6 +158,7 @@ def save(
         extra: more JSON-serialisable metadata to keep beside (e.g. training results).
     """
     import timm
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     plan = plan_of(model)
@@ -167,7 +170,7 @@ def save(
         k: list(v) if isinstance(v, tuple) else v for k, v in dict(model_kwargs or {}).items()
     }
     check_model_kwargs(kwargs, where="model_kwargs")
-    check_model_name(name, where="model_name")
+    check_model_name(name, where="model_name", plain=True)
     if "num_classes" not in kwargs and isinstance(getattr(model, "num_classes", None), int):
         kwargs["num_classes"] = model.num_classes
     in_chans = _input_channels(plan)
@@ -187,7 +190,10 @@ def save(
     # safetensors writes a temporary of its own beside the file it is given: a private
     # folder keeps it where a later write finds it if this process is killed.
     with atomic_path(target, private_folder=True) as tmp:
-        save_model(model, str(tmp), metadata=metadata)
+        try:
+            save_model(model, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # its wrapping of an OSError (a full disk)
+            raise write_error(target, err) from err
     return target
 
 
@@ -210,18 +216,20 @@ def check_model_kwargs(kwargs: Any, *, where: str) -> dict[str, Any]:
     accepted = ", ".join(MODEL_KWARGS)
     for key, value in kwargs.items():
         if key not in MODEL_KWARGS:
+            # A hostile key can be megabytes: quoted short, and no fuzzy match against it.
+            hint = did_you_mean(str(key), MODEL_KWARGS) if len(str(key)) <= 80 else ""
             raise DynifyError(
-                f"{where}: {key!r} is not accepted{did_you_mean(str(key), MODEL_KWARGS)}: an "
+                f"{where}: {quoted(key)} is not accepted{hint}: an "
                 f"artifact only rebuilds an architecture, from the keys {accepted}"
             )
         kind = MODEL_KWARGS[key]
         if not _valid_kwarg(kind, value):
-            raise DynifyError(f"{where}: {key} must be {_KIND_TEXT[kind]}, got {value!r}")
+            raise DynifyError(f"{where}: {key} must be {_KIND_TEXT[kind]}, got {quoted(value)}")
     return kwargs
 
 
 def _kind(value: Any) -> str:
-    return type(value).__name__ if not isinstance(value, str) else repr(value)
+    return type(value).__name__ if not isinstance(value, str) else quoted(value)
 
 
 def _header_bytes(path: Path) -> int:
@@ -299,7 +307,7 @@ def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     for key in ("model_name", "model_kwargs", "plan"):
         if key not in meta:
             raise DynifyError(f"{where}: damaged dynify metadata: {key!r} is missing")
-    model_name = check_model_name(meta["model_name"], where=f"{where}: model_name")
+    model_name = check_model_name(meta["model_name"], where=f"{where}: model_name", plain=True)
     kwargs = _json_field(meta, "model_kwargs", where, dict)
     check_model_kwargs(kwargs, where=f"{where}: model_kwargs")
     plan = _json_field(meta, "plan", where, dict)
@@ -315,57 +323,124 @@ def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     )
 
 
-def _check_architecture_size(info: ArtifactInfo, path: Path) -> None:
-    """Refuse metadata whose architecture is far bigger than the file's own tensors (a
-    ``num_classes`` of a billion), before allocating it: the architecture is first built
-    on the meta device, which costs no memory.
+def _build(info: ArtifactInfo, where: str, *, meta: bool) -> nn.Module:
+    """The converted model the metadata describe, with random weights; on the meta device
+    (``meta``: no memory), so that it can be compared with the file's tensors before
+    anything is allocated.
 
-    An honest artifact holds every parameter and persistent buffer of the converted model,
-    which has at least the unconverted model's; twice the file plus 64 MiB leaves room for
-    non-persistent buffers (index tables) that the file does not store.
+    Raises:
+        DynifyError: one line naming the artifact and the field at fault when the
+            architecture cannot be built (the original error is the ``__cause__``).
     """
     import timm
 
-    from dynify.convert import available_memory
+    from dynify.convert import conversion_kind
 
+    name, kwargs = info["model_name"], info["model_kwargs"]
+    # Never pretrained: the file's own tensors are the weights (read_info refused any other
+    # source of weights in model_kwargs).
+    place = torch.device("meta") if meta else contextlib.nullcontext()
     try:
-        with torch.device("meta"):
-            skeleton = timm.create_model(
-                info["model_name"], pretrained=False, **info["model_kwargs"]
-            )
-    except Exception:  # the real build below reports what is wrong
-        return
-    tensors = [*skeleton.parameters(), *skeleton.buffers()]
-    need = sum(t.numel() * t.element_size() for t in tensors)
-    file_bytes = path.stat().st_size
-    available = available_memory(torch.device("cpu"))
-    if need > 2 * file_bytes + 2**26 or (available is not None and need > available):
-        have = f"; this machine has {available / 2**30:,.1f} GiB available" if available else ""
+        with place:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except (RuntimeError, ValueError, AssertionError, TypeError, IndexError, KeyError) as err:
         raise DynifyError(
-            f"{str(path)!r}: the metadata describe a {info['model_name']} "
-            f"{info['model_kwargs']} of {need / 2**30:,.1f} GiB before conversion, but the "
-            f"file holds {file_bytes / 2**30:,.2f} GiB of weights{have}; not this file's "
-            "model (damaged or forged metadata)"
+            f"{where}: model_kwargs {quoted(kwargs)} do not build a {name} "
+            f"({type(err).__name__}: {shorten(str(err), 120) or 'no message'}); not this "
+            "file's model (damaged or forged metadata)"
+        ) from err
+    plan = info.plan
+    for i, layer in enumerate(plan.layers):
+        if not layer.convert:
+            continue
+        try:
+            module = model.get_submodule(layer.name)
+        except AttributeError:
+            module = None
+        reason = "no such module" if module is None else conversion_kind(module)[1]
+        if reason is not None:
+            raise DynifyError(
+                f"{where}: plan: layers[{i}].site.name: {quoted(layer.name)} is not a conv "
+                f"{name} can convert ({reason}); expected the name of one of its convs"
+            )
+    try:
+        with place:
+            return apply(model, plan, inplace=True, check=False)
+    except DynifyError as err:
+        raise DynifyError(f"{where}: plan: {err}") from err
+    except (RuntimeError, ValueError, AssertionError, TypeError) as err:
+        raise DynifyError(
+            f"{where}: plan: its layers do not build on {name} ({type(err).__name__}: "
+            f"{shorten(str(err), 120) or 'no message'}); damaged or forged metadata"
+        ) from err
+
+
+def _check_tensors(skeleton: nn.Module, info: ArtifactInfo, path: Path, where: str) -> None:
+    """Refuse a file whose tensors are not exactly the planned model's (every key, every
+    shape, from the safetensors header alone), and a model too big for this machine.
+
+    A forged plan (every layer at 200 experts beside a one-element tensor) or forged
+    model_kwargs (a billion classes) would otherwise be allocated in full before
+    ``load_model`` finds that the weights do not fit. Tied weights are stored once
+    (safetensors drops duplicates), so a key may be absent when one of its aliases is there.
+    """
+    from safetensors import safe_open
+
+    from dynify.convert import _gib, available_memory
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    expected = skeleton.state_dict(keep_vars=True)
+    aliases: dict[int, list[str]] = {}
+    for key, tensor in expected.items():
+        aliases.setdefault(id(tensor), []).append(key)
+    # Worded as load_model's refusal below, which this check comes before.
+    unfit = f"{where}: weights do not fit {info['model_name']} as planned"
+    for key, tensor in expected.items():
+        if key in stored:
+            if stored[key] != tuple(tensor.shape):
+                raise DynifyError(
+                    f"{unfit}: tensor {quoted(key)} is {list(stored[key])} in the file, "
+                    f"{list(tensor.shape)} in the model; damaged or forged metadata"
+                )
+        elif not any(alias in stored for alias in aliases[id(tensor)]):
+            raise DynifyError(
+                f"{unfit}: tensor {quoted(key)} ({list(tensor.shape)}) is not in the file; "
+                "damaged or forged metadata"
+            )
+    unexpected = next((key for key in stored if key not in expected), None)
+    if unexpected is not None:
+        raise DynifyError(
+            f"{unfit}: the file's tensor {quoted(unexpected)} is not in the model; damaged "
+            "or forged metadata"
+        )
+    tensors = {id(t): t for t in (*skeleton.parameters(), *skeleton.buffers())}.values()
+    need = sum(t.numel() * t.element_size() for t in tensors)
+    available = available_memory(torch.device("cpu"))
+    if available is not None and need > available:
+        raise DynifyError(
+            f"{where}: the model takes {_gib(need)}; this machine has {_gib(available)} available"
         )
 
 
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a converted model from an artifact alone (same outputs as when saved)."""
+    """Rebuild a converted model from an artifact alone (same outputs as when saved).
+
+    The metadata are validated (:func:`read_info`), the converted model is built on the
+    meta device and its every tensor compared with the file's header, all before any
+    weight is allocated; only then is the model built and the weights read.
+    """
     from safetensors.torch import load_model
 
-    from dynify.models import create_model
-
     info = read_info(path)
-    _check_architecture_size(info, Path(path))
-    # Never pretrained: the file's own tensors are the weights (read_info refused any other
-    # source of weights in model_kwargs).
-    model = create_model(info["model_name"], pretrained=False, **info["model_kwargs"])
-    model = apply(model, info.plan, inplace=True, check=False)
+    where = repr(str(path))
+    _check_tensors(_build(info, where, meta=True), info, Path(path), where)
+    model = _build(info, where, meta=False)
     try:
         load_model(model, str(path), strict=True, device=str(device))
     except RuntimeError as err:
         raise DynifyError(
-            f"{str(path)!r}: weights do not fit {info['model_name']} as planned "
+            f"{where}: weights do not fit {info['model_name']} as planned "
             f"({shorten(str(err), 300)})"
         ) from None
     return model.to(device)

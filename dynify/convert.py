@@ -360,13 +360,14 @@ def apply(
     setattr(model, _PLAN_ATTR, plan)
     if checking:
         assert trace is not None
-        plan.check_error = _check_equivalence(model, trace, swaps)
+        plan.check_error, plan.check_precision = _check_equivalence(model, trace, swaps)
     return model
 
 
-def _check_equivalence(model: nn.Module, trace: ModelTrace, swaps: list[Swap]) -> float:
-    """The converted model's relative error against the original on the trace's example;
-    raise when it exceeds ``EQUIVALENCE_TOLERANCE`` in float64.
+def _check_equivalence(model: nn.Module, trace: ModelTrace, swaps: list[Swap]) -> tuple[float, str]:
+    """The converted model's relative error against the original on the trace's example,
+    and the precision it was measured in (the example's dtype, e.g. ``"float32"``, or
+    ``"float64"`` for the re-check); raise when it exceeds ``EQUIVALENCE_TOLERANCE`` in float64.
 
     First in the model's own dtype (one cheap forward pass, against the trace's output);
     only an error above the tolerance is measured again with both models in float64, the
@@ -384,7 +385,7 @@ def _check_equivalence(model: nn.Module, trace: ModelTrace, swaps: list[Swap]) -
     assert trace.example_input is not None
     err = relative_error(_output(model, trace.example_input, precise=False), trace.example_output)
     if err <= EQUIVALENCE_TOLERANCE:
-        return err
+        return err, str(trace.example_input.dtype).removeprefix("torch.")
     floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     if not any(t.device.type == "mps" for t in floating):
         try:
@@ -399,7 +400,7 @@ def _check_equivalence(model: nn.Module, trace: ModelTrace, swaps: list[Swap]) -
         else:
             err = relative_error(converted, original)
             if err <= EQUIVALENCE_TOLERANCE:
-                return err
+                return err, "float64"
             raise DynifyError(
                 f"converted model's output differs from the original's by {err:.2e} (relative "
                 f"max error > {EQUIVALENCE_TOLERANCE:g}, both computed in float64, so not "

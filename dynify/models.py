@@ -19,6 +19,7 @@ from torch import nn
 from dynify.errors import DynifyError, shorten
 
 __all__ = [
+    "MAX_COUNT",
     "check_model_name",
     "create_model",
     "hub_reachable",
@@ -31,6 +32,11 @@ __all__ = [
 # otherwise spend about 50 s in huggingface_hub's retries.
 HUB_CONNECT_TIMEOUT_S = 2.0
 
+# The largest count (classes, channels, widths) a model is built with: far above any timm
+# model (the widest classifier has 21,843 classes), far below what exhausts memory or
+# overflows a tensor size (a billion classes of 512 features is 2 TB).
+MAX_COUNT = 2**20
+
 
 def _close_names(name: str, n: int = 3) -> list[str]:
     import timm
@@ -42,20 +48,44 @@ def _close_names(name: str, n: int = 3) -> list[str]:
     return close
 
 
-def check_model_name(name: Any, *, where: str | None = None) -> str:
+def check_model_name(name: Any, *, where: str | None = None, plain: bool = False) -> str:
     """Return ``name`` if it is a timm model name; else one line with the closest names.
+
+    A name may carry a pretrained tag (``resnet18.a1_in1k``, timm's ``arch.tag``), which
+    must be one of the architecture's tags: timm would otherwise fail on it ("Invalid
+    pretrained tag"), even to build random weights.
 
     Args:
         where: what the message names first (e.g. the file the name was read from).
+        plain: accept only a plain architecture name, no tag (an artifact's model name: it
+            rebuilds an architecture, and a tag only says which weights to download).
     """
     import timm
+    from timm.models import split_model_name_tag
 
-    if isinstance(name, str) and timm.is_model(name):
-        return name
-    close = _close_names(name) if isinstance(name, str) else []
-    hint = f"; closest timm names: {', '.join(close)}" if close else ""
     prefix = f"{where}: " if where else ""
-    raise DynifyError(f"{prefix}unknown model {name!r}{hint} (see timm.list_models())")
+    if isinstance(name, str) and timm.is_model(name):
+        arch, tag = split_model_name_tag(name)
+        if not tag:
+            return name
+        if plain:
+            raise DynifyError(
+                f"{prefix}{shorten(repr(name), 80)} is not a plain architecture name; "
+                f"expected a timm architecture without a pretrained tag, such as {arch!r}"
+            )
+        tags = timm.list_models(f"{arch}.*", include_tags=True)
+        if name in tags:
+            return name
+        known = f"its tags: {', '.join(tags)}" if tags else f"{arch} has no pretrained tags"
+        raise DynifyError(
+            f"{prefix}unknown pretrained tag {shorten(repr(tag), 80)} of model {arch!r} ({known}); "
+            f"a tag only chooses which weights --pretrained downloads: give {arch!r} alone "
+            "otherwise"
+        )
+    shown = shorten(repr(name), 80)
+    close = _close_names(name) if isinstance(name, str) and len(name) <= 80 else []
+    hint = f"; closest timm names: {', '.join(close)}" if close else ""
+    raise DynifyError(f"{prefix}unknown model {shown}{hint} (see timm.list_models())")
 
 
 def _hub_offline_setting() -> str | None:
@@ -124,8 +154,10 @@ def create_model(
     if pretrained and checkpoint is not None:
         raise DynifyError("give either --pretrained or --checkpoint, not both")
     if num_classes is not None:
-        if num_classes < 1:
-            raise DynifyError(f"num_classes must be >= 1, got {num_classes}")
+        if not 1 <= num_classes <= MAX_COUNT:
+            raise DynifyError(
+                f"num_classes must be from 1 to {MAX_COUNT:,} (--num-classes), got {num_classes:,}"
+            )
         kwargs["num_classes"] = num_classes
     offline = _hub_offline_setting() if pretrained else None
     if pretrained and offline is None and not hub_reachable():

@@ -13,12 +13,31 @@ from typing import Any
 
 from dynify._opcount import CountedOp, OpCounts
 from dynify._yaml import Doc
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, shorten
 from dynify.layers.attention import attention_hidden_width
 from dynify.recipe import LayerSettings, Recipe, Rule, Selector, parse_settings
 from dynify.trace import ConvSite, ModelTrace
 
-__all__ = ["LayerPlan", "Plan", "parse_plan", "resolve_plan"]
+__all__ = ["MAX_CHANNELS", "MAX_SIDE", "LayerPlan", "Plan", "parse_plan", "quoted", "resolve_plan"]
+
+# The largest image a plan may describe: far above any timm model's input (and what
+# ``inspect --data`` resizes images to), far below what would exhaust memory.
+MAX_SIDE = 8192
+MAX_CHANNELS = 4096
+# What a message quotes of a value read from a file (a hostile key can be megabytes).
+QUOTE_LIMIT = 80
+# Where the equivalence check's error was measured (see dynify.convert._check_equivalence).
+CHECK_PRECISIONS = ("float16", "bfloat16", "float32", "float64")
+
+
+def quoted(value: Any, *, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters (untrusted values)."""
+    if isinstance(value, str | bytes) and len(value) > 4 * limit:
+        value = value[: 4 * limit]  # repr of a megabyte string costs a megabyte
+    elif isinstance(value, list | tuple) and len(value) > limit:
+        value = [*value[:limit], ...]
+    return shorten(repr(value), limit)
+
 
 PLAN_KEYS = (
     "version",
@@ -28,6 +47,7 @@ PLAN_KEYS = (
     "recipe",
     "fx_error",
     "check_error",
+    "check_precision",
     "layers",
     "op_counts",
 )
@@ -94,8 +114,11 @@ class Plan:
     recipe: str | None = None
     fx_error: str | None = None
     model_name: str | None = field(default=None)
-    # Relative max error of the converted model against the original (set by apply).
+    # Relative max error of the converted model against the original (set by apply), and
+    # the dtype it was measured in: the model's own ("float32"), or "float64" when that was
+    # not close enough and the check was run again in float64 (see _check_equivalence).
     check_error: float | None = None
+    check_precision: str | None = None
     # What the rest of the network costs (from the trace), so the plan can be priced.
     op_counts: OpCounts | None = field(default=None, repr=False)
 
@@ -176,6 +199,7 @@ class Plan:
             "recipe": self.recipe,
             "fx_error": self.fx_error,
             "check_error": self.check_error,
+            "check_precision": self.check_precision,
             "layers": [lp.to_dict() for lp in self.layers],
             "op_counts": None if self.op_counts is None else self.op_counts.to_dict(),
         }
@@ -188,7 +212,11 @@ class Plan:
         recipe's are, and an unknown or missing key is one line naming ``source`` and the
         key path (``layers[3].settings.experts: expected an integer >= 1, got -1``).
         """
-        return parse_plan(Doc(data, source, {}))
+        try:
+            return parse_plan(Doc(data, source, {}))
+        except DynifyError as err:
+            # The recipe checks quote the value at fault whole; a forged one can be megabytes.
+            raise DynifyError(shorten(str(err), 300)) from None
 
     def to_recipe(self, *, description: str | None = None) -> Recipe:
         """A recipe that reproduces exactly this plan on the same model.
@@ -274,7 +302,9 @@ def parse_plan(doc: Doc) -> Plan:
     """Validate a plan's dict form (``Plan.to_dict``) field by field, as a recipe is."""
     top = _required(doc, doc.data, "", PLAN_KEYS, ("layers", "input_size"))
     if "version" in top and top["version"] != 1:
-        raise doc.error("version", f"unsupported plan version {top['version']!r}; accepted: 1")
+        raise doc.error(
+            "version", f"unsupported plan version {quoted(top['version'])}; accepted: 1"
+        )
     raw_layers = top["layers"]
     if not isinstance(raw_layers, list):
         raise doc.error("layers", f"expected a list of layers, got {type(raw_layers).__name__}")
@@ -287,6 +317,9 @@ def parse_plan(doc: Doc) -> Plan:
         fx_error=_optional(doc, top, "fx_error", doc.string),
         model_name=_optional(doc, top, "model_name", doc.string),
         check_error=check_error,
+        check_precision=_optional(
+            doc, top, "check_precision", lambda v, p: doc.choice(v, p, CHECK_PRECISIONS)
+        ),
         op_counts=_optional(doc, top, "op_counts", lambda v, p: _op_counts(doc, v, p)),
     )
 
@@ -311,20 +344,25 @@ def _optional(doc: Doc, entry: dict[str, Any], key: str, check: Any) -> Any:
 
 def _pair(doc: Doc, raw: Any, path: str, *, minimum: int) -> tuple[int, int]:
     if not isinstance(raw, list | tuple) or len(raw) != 2:
-        raise doc.error(path, f"expected two integers >= {minimum}, got {raw!r}")
+        raise doc.error(path, f"expected two integers >= {minimum}, got {quoted(raw)}")
     return tuple(doc.integer(v, f"{path}[{i}]", minimum=minimum) for i, v in enumerate(raw))  # type: ignore[return-value]
 
 
 def _shape(doc: Doc, raw: Any, path: str) -> tuple[int, int, int]:
+    accepted = f"three integers (C, H, W), C from 1 to {MAX_CHANNELS}, H and W from 1 to {MAX_SIDE}"
     if not isinstance(raw, list | tuple) or len(raw) != 3:
-        raise doc.error(path, f"expected three positive integers (C, H, W), got {raw!r}")
-    return tuple(doc.integer(v, f"{path}[{i}]", minimum=1) for i, v in enumerate(raw))  # type: ignore[return-value]
+        raise doc.error(path, f"expected {accepted}, got {quoted(raw)}")
+    shape = tuple(doc.integer(v, f"{path}[{i}]", minimum=1) for i, v in enumerate(raw))
+    for i, (value, limit) in enumerate(zip(shape, (MAX_CHANNELS, MAX_SIDE, MAX_SIDE), strict=True)):
+        if value > limit:
+            raise doc.error(f"{path}[{i}]", f"expected {accepted}, got {value:,}")
+    return shape  # type: ignore[return-value]
 
 
 def _layer(doc: Doc, raw: Any, path: str) -> LayerPlan:
     entry = _required(doc, raw, path, LAYER_KEYS, LAYER_KEYS)
     if not isinstance(entry["settings"], dict):  # null would silently mean the defaults
-        raise doc.error(f"{path}.settings", f"expected a mapping, got {entry['settings']!r}")
+        raise doc.error(f"{path}.settings", f"expected a mapping, got {quoted(entry['settings'])}")
     return LayerPlan(
         _site(doc, entry["site"], f"{path}.site"),
         parse_settings(doc, entry["settings"], f"{path}.settings"),
@@ -380,7 +418,7 @@ def _op_counts(doc: Doc, raw: Any, path: str) -> OpCounts:
     for i, op in enumerate(ops):
         sub = f"{path}.ops[{i}]"
         if not isinstance(op, list) or len(op) != 5:
-            raise doc.error(sub, f"expected [module, op, macs, batched, in_conv], got {op!r}")
+            raise doc.error(sub, f"expected [module, op, macs, batched, in_conv], got {quoted(op)}")
         module, name, macs, batched, in_conv = op
         counted.append(
             CountedOp(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import dynify
-from dynify._io import atomic_write_text, remove_stale_temporaries
+from dynify._io import _HOST, atomic_write_text, remove_stale_temporaries
 from dynify.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,3 +176,42 @@ def test_artifact_gets_the_umask_mode_as_checkpoints_do(
     checkpoint.write(ckpt, {"epoch": 1})
     assert artifact.stat().st_mode & 0o777 == _umask_mode()
     assert ckpt.stat().st_mode & 0o777 == _umask_mode()
+
+
+_LOCK_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="no flock: temporaries are never removed")
+@pytest.mark.parametrize("folder", [False, True])
+def test_a_live_writer_whose_pid_looks_dead_is_left_alone(tmp_path: Path, folder: bool) -> None:
+    """Another container sharing this folder and host name: its writer's pid does not exist
+    here, but it holds its temporary's lock, so the temporary is kept; once that process
+    dies (the kernel drops the lock) the next write removes it."""
+    target = tmp_path / "model.safetensors"
+    theirs = tmp_path / f".model.safetensors.{_HOST}.999999999.abc123.tmp"
+    if folder:
+        theirs.mkdir()
+        (theirs / ".tmpXYZ").write_bytes(b"half a file")
+    else:
+        theirs.write_bytes(b"half a file")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(theirs)], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"locked"
+        assert remove_stale_temporaries(target) == []
+        atomic_write_text(target, "mine")
+        assert theirs.exists() and target.read_text() == "mine"
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        assert holder.stdout is not None
+        holder.stdout.close()
+    assert remove_stale_temporaries(target) == [theirs]
+    assert _entries(tmp_path) == ["model.safetensors"]

@@ -11,6 +11,7 @@ zero-initialises the last norm of many residual blocks, which would hide a wrong
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 
@@ -452,6 +453,16 @@ def test_badly_conditioned_model_passes_the_check() -> None:
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_a_float32_check_records_float32(resnet18: nn.Module) -> None:
+    converted = dynify.apply(resnet18, input_size=(3, 64, 64))
+    plan = dynify.plan_of(converted)
+    assert plan.check_precision == "float32" and 0 <= plan.check_error <= 1e-4
+    data = plan.to_dict()
+    assert dynify.Plan.from_dict(data).check_precision == "float32"
+    with pytest.raises(DynifyError, match=r"check_precision: got 'float8' .*; accepted: float16"):
+        dynify.Plan.from_dict({**data, "check_precision": "float8"})
+
+
 def test_a_wrong_conversion_still_fails_in_float64(monkeypatch, resnet18: nn.Module) -> None:
     """One expert of one layer off by 1%: float32 sees it, float64 confirms it, apply raises."""
     from dynify import convert
@@ -484,6 +495,10 @@ def test_the_float64_check_restores_the_model(resnet18: nn.Module, monkeypatch) 
     converted = dynify.apply(resnet18, input_size=(3, 64, 64))
     assert put_back == [True, False]  # the float64 pass ran, with the original convs
     assert dynify.plan_of(converted).check_error < 1e-9
+    # The recorded error is the float64 one, and the plan says so (also once serialised).
+    assert dynify.plan_of(converted).check_precision == "float64"
+    again = dynify.Plan.from_dict(json.loads(json.dumps(dynify.plan_of(converted).to_dict())))
+    assert again.check_precision == "float64"
     assert isinstance(converted.layer1[0].conv1, DynamicConv2d)
     assert all(p.dtype == torch.float32 for p in converted.parameters())
     assert all(b.dtype == torch.float32 for b in converted.buffers() if b.is_floating_point())

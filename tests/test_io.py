@@ -61,3 +61,51 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch) -
 def _file(path: Path) -> Path:
     path.write_text("x")
     return path
+
+
+# A child process whose files may not grow past LIMIT bytes (RLIMIT_FSIZE, SIGXFSZ ignored
+# so that the write fails with EFBIG, "File too large", as on a full disk): it writes an
+# artifact or a checkpoint bigger than that, and prints the one line it got.
+_LIMITED_WRITER = """
+import resource, signal, sys
+import torch
+import dynify
+from dynify.errors import DynifyError
+from dynify.train import checkpoint
+
+KIND, TARGET = sys.argv[1], sys.argv[2]
+model = dynify.apply(torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.Conv2d(64, 64, 3)),
+                     {"defaults": {"convert": True}}, input_size=(3, 16, 16))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    if KIND == "artifact":
+        dynify.save(model, TARGET, model_name="test_resnet")
+    else:
+        checkpoint.write(TARGET, {"model": model.state_dict()})
+except DynifyError as err:
+    print(err)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("kind", ["artifact", "checkpoint"])
+def test_a_write_past_the_file_size_limit_is_one_line_and_leaves_nothing(
+    tmp_path: Path, kind: str
+) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / ("model.safetensors" if kind == "artifact" else "checkpoint.pth")
+    proc = subprocess.run(
+        [sys.executable, "-c", _LIMITED_WRITER, kind, str(target)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"},
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.strip() == f"could not write {str(target)!r}: File too large"
+    assert list(tmp_path.iterdir()) == []

@@ -106,3 +106,49 @@ def test_offline_setting_is_one_whole_line(tmp_path: Path) -> None:
 def test_kwargs_a_model_does_not_take_are_one_line() -> None:
     with pytest.raises(DynifyError, match=r"model 'resnet18' does not accept these arguments"):
         create_model("resnet18", img_size=64)
+
+
+@pytest.mark.parametrize("name", ["test_resnet.nosuchtag", "test_resnet.hf-hub:x"])
+def test_a_bad_pretrained_tag_is_one_line(name: str) -> None:
+    """timm.is_model ignores the tag; timm.create_model then raised RuntimeError ("Invalid
+    pretrained tag"), even without pretrained weights."""
+    tag = name.split(".", 1)[1]
+    with pytest.raises(DynifyError) as info:
+        create_model(name)
+    message = str(info.value)
+    assert message.startswith(f"unknown pretrained tag {tag!r} of model 'test_resnet'")
+    assert "its tags: test_resnet.r160_in1k" in message and "\n" not in message
+
+
+def test_a_known_tag_still_builds() -> None:
+    assert create_model("test_resnet.r160_in1k").pretrained_cfg["tag"] == "r160_in1k"
+
+
+def test_a_tag_is_refused_where_a_plain_architecture_is_expected() -> None:
+    with pytest.raises(DynifyError, match=r"x: 'test_resnet.r160_in1k' is not a plain arch"):
+        models.check_model_name("test_resnet.r160_in1k", where="x", plain=True)
+    assert models.check_model_name("test_resnet", plain=True) == "test_resnet"
+
+
+def test_a_huge_class_count_is_one_line(monkeypatch) -> None:
+    """--num-classes 1000000000000 was a 384 TB allocation's traceback."""
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("timm was called"))
+    with pytest.raises(DynifyError, match=r"num_classes must be from 1 to 1,048,576 .*, got 1,0"):
+        create_model("test_resnet", num_classes=10**12)
+    with pytest.raises(DynifyError, match=r"num_classes must be from 1 to"):
+        create_model("test_resnet", num_classes=0)
+
+
+def test_cli_convert_with_a_bad_tag_or_class_count_is_one_line(tmp_path: Path) -> None:
+    for args in (["test_resnet.nosuchtag"], ["test_resnet", "--num-classes", str(10**12)]):
+        out = tmp_path / "out.safetensors"
+        proc = subprocess.run(
+            [sys.executable, "-m", "dynify", "convert", *args, "--output", str(out)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=300,
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, lines
+        assert list(tmp_path.iterdir()) == []
