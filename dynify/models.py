@@ -258,4 +258,12 @@ def parse_input_size(text: str | Sequence[int] | None) -> tuple[int, int, int] |
         values = tuple(int(v) for v in text)
     if len(values) != 3 or any(v <= 0 for v in values):
         raise DynifyError(f"input size must be C,H,W (three positive integers), got {text!r}")
+    # The same bounds an artifact's plan is held to: one example image of 3x100000x100000 is
+    # 120 GB before the model runs.
+    from dynify.plan import MAX_CHANNELS, MAX_SIDE
+
+    if values[0] > MAX_CHANNELS or max(values[1:]) > MAX_SIDE:
+        raise DynifyError(
+            f"input size {text!r}: C must be at most {MAX_CHANNELS} and H, W at most {MAX_SIDE}"
+        )
     return values  # type: ignore[return-value]

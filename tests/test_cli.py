@@ -342,3 +342,52 @@ def test_an_interrupt_in_process_leaves_the_callers_ctrl_c(monkeypatch, capsys) 
     assert cli.main(["convert", "resnet18"]) == 130
     assert signal.getsignal(signal.SIGINT) is before
     assert capsys.readouterr().err.strip() == "dynify convert: interrupted"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["convert", "resnet18", "--nosuchflag"], "unrecognized arguments: --nosuchflag"),
+        (["inspect", "resnet18", "--budget", "-5MFLOPs"], "argument --budget: expected one"),
+        (["finetune", "resnet18", "--epochs", "x"], "argument --epochs: invalid int value"),
+        (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
+    ],
+)
+def test_argparse_errors_are_one_line_without_usage(capsys, argv: list[str], message: str):
+    from dynify.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "usage:" not in err, err
+    assert message in err and "--help" in err, err
+
+
+def test_input_sizes_beyond_the_plan_bounds_are_refused(capsys, no_work: Path) -> None:
+    line = _refused(capsys, ["convert", "resnet18", "--input-size", "3,100000,100000"])
+    assert line.endswith("C must be at most 4096 and H, W at most 8192"), line
+
+
+def test_an_allocation_that_fails_is_one_line_and_a_bug_is_not(monkeypatch, capsys) -> None:
+    from dynify import cli
+    from dynify.cli import convert
+
+    def out_of_memory(args):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 30720000000000 bytes."
+        )
+
+    monkeypatch.setattr(convert, "run", out_of_memory)
+    assert cli.main(["convert", "resnet18"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dynify convert: error: out of memory (") and "\n" not in err
+    assert "--batch-size" in err
+
+    def bug(args):
+        raise RuntimeError("shape mismatch in some layer")
+
+    monkeypatch.setattr(convert, "run", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main(["convert", "resnet18"])

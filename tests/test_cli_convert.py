@@ -69,6 +69,7 @@ def test_convert_prints_plan_checks_and_writes(capsys, tmp_path: Path) -> None:
         assert column in header
     assert "layer1.0.conv2" in out and "8/20 dynamic" in out
     assert "equivalence: eval output max relative error" in out and ": OK" in out
+    assert " in float32 (tolerance" in out or " in float64 (tolerance" in out
     assert f"wrote {out_path}" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.safetensors"]
 

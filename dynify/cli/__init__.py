@@ -16,9 +16,10 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from dynify._version import __version__
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, shorten
 
 __all__ = ["Limit", "check_limits", "interrupted", "main"]
 
@@ -85,8 +86,28 @@ def check_limits(args: argparse.Namespace, limits: Mapping[str, Limit]) -> None:
                 raise DynifyError(f"{flag} must be {limit}, got {item}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (no usage block), like every other bad input;
+    subcommand parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else None
+        help_hint = f"dynify {command} --help" if command else "dynify --help"
+        self.exit(2, f"{self.prog}: error: {message} (see '{help_hint}')\n")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError, the CPU allocator's RuntimeError,
+    Python's MemoryError."""
+    import torch
+
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dynify",
         description=(
             "Turn static CNNs (any timm model) into dynamic-convolution networks "
@@ -122,6 +143,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return interrupted(prog, exiting=argv is None)
+    except (MemoryError, RuntimeError) as err:
+        # Sizes a user chose (a batch, an image size, a class count) that no check above
+        # priced: say so in one line; any other error is a bug and keeps its traceback.
+        if not _out_of_memory(err):
+            raise
+        print(
+            f"{prog}: error: out of memory ({shorten(str(err).splitlines()[0], 160)}); lower "
+            "the sizes asked for (--batch-size, --img-size, --input-size, --num-classes)",
+            file=sys.stderr,
+        )
+        return 2
     except BrokenPipeError:
         # Whoever read stdout has gone (``dynify convert ... | head``): stop quietly, and
         # keep Python from failing again when it flushes stdout at exit.

@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if plan.converted:
         print(
-            f"equivalence: eval output max relative error {plan.check_error:.2e} "
-            f"(tolerance {EQUIVALENCE_TOLERANCE:g}): OK"
+            f"equivalence: eval output max relative error {plan.check_error:.2e} in "
+            f"{plan.check_precision} (tolerance {EQUIVALENCE_TOLERANCE:g}): OK"
         )
     else:
         print("no conv matched the recipe: the model is unchanged")
