@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from dynify.errors import DynifyError, did_you_mean
+from dynify.errors import DynifyError, did_you_mean, quoted
 
 __all__ = ["Doc", "load_yaml_file", "parse_yaml"]
 
@@ -67,17 +67,19 @@ class Doc:
             raise self.error(path, f"expected a mapping with keys {allowed}, got {_kind(value)}")
         for key in value:
             if key not in allowed:
+                # A hostile key can be megabytes: quoted short, and no fuzzy match against it.
+                hint = did_you_mean(str(key), allowed) if len(str(key)) <= 80 else ""
+                key = quoted(key) if len(str(key)) > 80 else key
                 sub = f"{path}.{key}" if path else str(key)
                 raise self.error(
                     sub,
-                    f"unknown key{did_you_mean(str(key), allowed)}; accepted keys: "
-                    f"{', '.join(allowed)}",
+                    f"unknown key{hint}; accepted keys: {', '.join(allowed)}",
                 )
         return value
 
     def integer(self, value: Any, path: str, *, minimum: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(path, f"expected an integer{_min(minimum)}, got {value!r}")
+            raise self.error(path, f"expected an integer{_min(minimum)}, got {quoted(value)}")
         if minimum is not None and value < minimum:
             raise self.error(path, f"expected an integer{_min(minimum)}, got {value}")
         return value
@@ -88,7 +90,9 @@ class Doc:
         if isinstance(value, str) and _EXPONENT.match(value.strip()):
             value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(path, f"expected a number{_min(minimum, exclusive)}, got {value!r}")
+            raise self.error(
+                path, f"expected a number{_min(minimum, exclusive)}, got {quoted(value)}"
+            )
         if not math.isfinite(value):  # YAML's .inf and .nan
             raise self.error(
                 path, f"expected a finite number{_min(minimum, exclusive)}, got {value}"
@@ -99,19 +103,19 @@ class Doc:
 
     def boolean(self, value: Any, path: str) -> bool:
         if not isinstance(value, bool):
-            raise self.error(path, f"expected true or false, got {value!r}")
+            raise self.error(path, f"expected true or false, got {quoted(value)}")
         return value
 
     def string(self, value: Any, path: str) -> str:
         if not isinstance(value, str):
-            raise self.error(path, f"expected a string, got {value!r}")
+            raise self.error(path, f"expected a string, got {quoted(value)}")
         return value
 
     def choice(self, value: Any, path: str, choices: Iterable[str]) -> str:
         choices = list(choices)
         if not isinstance(value, str) or value not in choices:
             hint = did_you_mean(str(value), choices)
-            raise self.error(path, f"got {value!r}{hint}; accepted: {', '.join(choices)}")
+            raise self.error(path, f"got {quoted(value)}{hint}; accepted: {', '.join(choices)}")
         return value
 
     def one_or_list(self, value: Any, path: str, item: Callable[[Any, str], Any]) -> tuple:
@@ -139,7 +143,7 @@ def _parent(path: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    return {list: "a list", str: f"the string {value!r}"}.get(type(value), repr(value))
+    return {list: "a list", str: f"the string {quoted(value)}"}.get(type(value), repr(value))
 
 
 def _min(minimum: float | None, exclusive: bool = False) -> str:
@@ -191,7 +195,7 @@ def _to_python(node: yaml.Node, path: str, lines: dict[str, int], seen: _Expansi
             key = yaml.safe_load(yaml.serialize(key_node))
             if not isinstance(key, str):
                 line = key_node.start_mark.line + 1
-                raise DynifyError(f"{source}:{line}: keys must be strings, got {key!r}")
+                raise DynifyError(f"{source}:{line}: keys must be strings, got {quoted(key)}")
             sub = f"{path}.{key}" if path else key
             if key in out:
                 line = key_node.start_mark.line + 1

@@ -30,9 +30,9 @@ from torch import nn
 from dynify._io import atomic_path, write_error
 from dynify._version import __version__
 from dynify.convert import apply, model_name_of, plan_of
-from dynify.errors import DynifyError, did_you_mean, shorten
+from dynify.errors import DynifyError, did_you_mean, quoted, shorten
 from dynify.models import MAX_COUNT, check_model_name
-from dynify.plan import Plan, quoted
+from dynify.plan import Plan
 
 __all__ = [
     "FORMAT",

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["DynifyError", "did_you_mean", "shorten"]
+__all__ = ["QUOTE_LIMIT", "DynifyError", "did_you_mean", "quoted", "shorten"]
 
 
 class DynifyError(ValueError):
@@ -41,3 +42,16 @@ def shorten(text: str, limit: int) -> str:
     else:  # one word longer than the limit: nothing better than cutting it
         head = text[:room]
     return head.rstrip(" ,;:(") + "…"
+
+
+# How much of an untrusted value a message quotes.
+QUOTE_LIMIT = 80
+
+
+def quoted(value: Any, *, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters (untrusted values)."""
+    if isinstance(value, str | bytes) and len(value) > 4 * limit:
+        value = value[: 4 * limit]  # repr of a megabyte string costs a megabyte
+    elif isinstance(value, list | tuple) and len(value) > limit:
+        value = [*value[:limit], ...]
+    return shorten(repr(value), limit)

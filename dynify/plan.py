@@ -13,30 +13,20 @@ from typing import Any
 
 from dynify._opcount import CountedOp, OpCounts
 from dynify._yaml import Doc
-from dynify.errors import DynifyError, shorten
+from dynify.errors import DynifyError, quoted, shorten
 from dynify.layers.attention import attention_hidden_width
 from dynify.recipe import LayerSettings, Recipe, Rule, Selector, parse_settings
 from dynify.trace import ConvSite, ModelTrace
 
-__all__ = ["MAX_CHANNELS", "MAX_SIDE", "LayerPlan", "Plan", "parse_plan", "quoted", "resolve_plan"]
+__all__ = ["MAX_CHANNELS", "MAX_SIDE", "LayerPlan", "Plan", "parse_plan", "resolve_plan"]
 
 # The largest image a plan may describe: far above any timm model's input (and what
 # ``inspect --data`` resizes images to), far below what would exhaust memory.
 MAX_SIDE = 8192
 MAX_CHANNELS = 4096
 # What a message quotes of a value read from a file (a hostile key can be megabytes).
-QUOTE_LIMIT = 80
 # Where the equivalence check's error was measured (see dynify.convert._check_equivalence).
 CHECK_PRECISIONS = ("float16", "bfloat16", "float32", "float64")
-
-
-def quoted(value: Any, *, limit: int = QUOTE_LIMIT) -> str:
-    """``repr(value)`` for a message, cut to about ``limit`` characters (untrusted values)."""
-    if isinstance(value, str | bytes) and len(value) > 4 * limit:
-        value = value[: 4 * limit]  # repr of a megabyte string costs a megabyte
-    elif isinstance(value, list | tuple) and len(value) > limit:
-        value = [*value[:limit], ...]
-    return shorten(repr(value), limit)
 
 
 PLAN_KEYS = (

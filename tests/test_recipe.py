@@ -551,3 +551,20 @@ def test_an_alias_used_twice_is_still_plain_yaml(tmp_path: Path) -> None:
     )
     recipe = load_recipe(path)
     assert [r.select for r in recipe.rules] == [Selector(name=("layer4.*",))] * 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "version: 1\ndefaults: {experts: '" + "9" * 1_000_000 + "'}\n",
+        "version: 1\ndefaults: {" + "k" * 1_000_000 + ": 4}\n",
+        "version: 1\ndefaults: {experts: [" + "1, " * 100_000 + "1]}\n",
+    ],
+    ids=["huge-value", "huge-key", "long-list"],
+)
+def test_a_recipe_error_quotes_huge_values_short(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "huge.yaml"
+    path.write_text(text)
+    with pytest.raises(DynifyError) as err:
+        load_recipe(path)
+    assert len(str(err.value)) < len(str(path)) + 400, len(str(err.value))
