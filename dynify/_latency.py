@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from dynify._device import resolve_device
 from dynify.errors import DynifyError
 
 __all__ = [
@@ -29,19 +30,6 @@ __all__ = [
     "latency",
     "resolve_device",
 ]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or ``cuda`` when a GPU is present, else ``cpu``."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DynifyError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DynifyError(f"device {device!r}: no CUDA device is available here; use cpu")
-    return dev
 
 
 @dataclass(frozen=True)

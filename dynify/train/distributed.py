@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dynify.errors import DynifyError
+from dynify._device import resolve_device
 
 __all__ = ["Processes", "resolve_device", "start_processes"]
 
@@ -45,19 +45,6 @@ class Processes:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``: CUDA when available, else the CPU; a CUDA request without CUDA is an error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DynifyError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DynifyError(f"device {device!r}: no CUDA device is available here; use cpu")
-    return dev
 
 
 def start_processes(device: str | torch.device | None) -> Processes:
