@@ -1009,8 +1009,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
 def test_reset_parameters_draws_each_expert_as_conv2d_does_in_one_call() -> None:
     """The same numbers as nn.Conv2d's init expert by expert (an independent loop over the
     experts with the same generator), and no Python loop per expert: 200,000 experts of a
-    1x1 conv take milliseconds (a loop of kaiming_uniform_ calls takes seconds)."""
-    import time
+    1x1 conv are one draw (a loop of kaiming_uniform_ calls made one per expert)."""
 
     layer = DynamicConv2d(8, 6, 3, num_experts=5, device="meta")
     layer = layer.to_empty(device="cpu")
@@ -1021,8 +1020,19 @@ def test_reset_parameters_draws_each_expert_as_conv2d_does_in_one_call() -> None
         nn.init.kaiming_uniform_(reference[k], a=math.sqrt(5), generator=gen)
     assert torch.equal(layer.weight, reference)
     many = DynamicConv2d(4, 4, 1, num_experts=200_000, device="meta").to_empty(device="cpu")
-    start = time.perf_counter()
-    many.reset_parameters(generator=torch.Generator().manual_seed(0))
-    assert time.perf_counter() - start < 1.0
+    # Counted, not timed: the number of draws must not grow with the experts.
+    draws: list[tuple[int, ...]] = []
+    real_uniform = torch.Tensor.uniform_
+
+    def counting_uniform(self, *args, **kwargs):
+        draws.append(tuple(self.shape))
+        return real_uniform(self, *args, **kwargs)
+
+    torch.Tensor.uniform_ = counting_uniform  # type: ignore[method-assign]
+    try:
+        many.reset_parameters(generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.Tensor.uniform_ = real_uniform  # type: ignore[method-assign]
+    assert (200_000, 4, 4, 1, 1) in draws and len(draws) < 10, draws
     bound = 1 / math.sqrt(4)  # kaiming_uniform_(a=sqrt 5) on fan_in 4: 1/sqrt(fan_in)
     assert many.weight.abs().max() <= bound and many.weight.std() > 0.5 * bound / math.sqrt(3)
