@@ -55,6 +55,8 @@ def ensure_writable(
     Raises:
         DynifyError: one line naming the path and what is in the way.
     """
+    if not str(path).strip():
+        raise DynifyError(f"{what} is empty; give a {'folder' if folder else 'file'} path")
     target = Path(path)
     if target.exists():
         if folder and not target.is_dir():

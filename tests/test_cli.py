@@ -391,3 +391,22 @@ def test_an_allocation_that_fails_is_one_line_and_a_bug_is_not(monkeypatch, caps
     monkeypatch.setattr(convert, "run", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         cli.main(["convert", "resnet18"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "resnet18", "--output", ""],
+        ["finetune", "test_resnet", "--data", "d", "--epochs", "1", "--output", ""],
+        ["inspect", "a.safetensors", "--data", "d", "--plot", " "],
+    ],
+    ids=["convert", "finetune", "inspect"],
+)
+def test_an_empty_output_is_refused_not_replaced_by_the_default(
+    capsys, no_work: Path, argv: list[str]
+) -> None:
+    line = _refused(capsys, argv)
+    assert line.endswith(
+        f"{argv[-2]} is empty; give a " + ("folder path" if "finetune" in argv else "file path")
+    ), line
+    assert list(no_work.iterdir()) == []

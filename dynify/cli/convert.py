@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
         raise DynifyError("MODEL is required (a timm name such as resnet50), or --from ARTIFACT")
     input_size = parse_input_size(args.input_size)
     recipe = dynify.load_recipe(args.recipe)  # validate before building anything
-    output = ensure_writable(args.output or f"{args.model}.dynify.safetensors", what="--output")
+    output = ensure_writable(
+        f"{args.model}.dynify.safetensors" if args.output is None else args.output,
+        what="--output",
+    )
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = create_model(
         args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs
@@ -120,7 +123,7 @@ def _rebuild(args: argparse.Namespace) -> int:
     from dynify._io import ensure_writable
     from dynify.artifact import read_info
 
-    output = ensure_writable(args.output, what="--output") if args.output else None
+    output = ensure_writable(args.output, what="--output") if args.output is not None else None
     info = read_info(args.from_artifact)
     model = dynify.load(args.from_artifact, device=args.device)
     plan = dynify.plan_of(model)

@@ -202,7 +202,11 @@ def run_command(args: argparse.Namespace) -> int:
         label = Path(args.model).name.removesuffix(".safetensors")
     else:
         label = f"{args.model}-{'static' if recipe is None else recipe.label}"
-    output = ensure_writable(args.output or Path("runs") / label, what="--output", folder=True)
+    output = ensure_writable(
+        Path("runs") / label if args.output is None else args.output,
+        what="--output",
+        folder=True,
+    )
     # Subsets are finetune's to take (and its checkpoint's to record, so --resume compares
     # them); here only the classes are needed.
     data = load_data(args.data, holdout=args.holdout, cache_dir=args.data_cache)
