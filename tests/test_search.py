@@ -478,7 +478,8 @@ def test_a_budget_below_the_static_model_is_refused_before_training(files, tmp_p
         (["--epochs", "0"], ["--epochs 0: expected an integer >= 1 (epochs per trial)"]),
         (["--train-images", "many"], ["--train-images 'many': expected an integer >= 1"]),
         (["--val-images", "-3"], ["--val-images -3: expected an integer >= 1 (held-out"]),
-        (["--device", "tpu"], ["--device must be cpu or cuda"]),
+        (["--device", "tpu"], ["device 'tpu' is not a torch device"]),
+        (["--device", "meta"], ["device 'meta': the search runs on cpu or cuda"]),
         (["--max-latency", "5MFLOPs"], ["--max-latency '5MFLOPs': give a time"]),
         (
             ["--space", "default", "--budget", "600MFLOPs", "--val-images", "108"],

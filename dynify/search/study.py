@@ -36,6 +36,7 @@ from torch import nn
 
 from dynify import cost
 from dynify._budget import Budget, parse_budget
+from dynify._device import resolve_device
 from dynify._io import ensure_writable
 from dynify._resources import bundled_names
 from dynify.convert import apply
@@ -180,13 +181,12 @@ class SearchContext:
 
 
 def _device(requested: str | None) -> str:
-    if requested is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise DynifyError(f"--device {requested}: no CUDA device is available here")
-    if requested.split(":")[0] not in ("cpu", "cuda"):
-        raise DynifyError(f"--device must be cpu or cuda, got {requested!r}")
-    return requested
+    """The device the search trains on, as the string the study records (the one resolver
+    of dynify/_device.py, limited to what the search runs on)."""
+    device = resolve_device(requested)
+    if device.type not in ("cpu", "cuda"):
+        raise DynifyError(f"device {requested!r}: the search runs on cpu or cuda (cuda:N)")
+    return str(device)
 
 
 def _objectives(names: Sequence[str]) -> tuple[str, ...]:
