@@ -1080,23 +1080,20 @@ def _claim(
     """
     trials = trial.study.get_trials(deepcopy=False)
     mine = next(t for t in trials if t.number == trial.number)
-    preset = mine.user_attrs.get("preset")
     live = (*FINISHED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-    if preset is not None and any(
-        t.user_attrs.get("preset") == preset and t.state in live and t.number < trial.number
-        for t in trials
+    # A queued trial whose job (a preset, a retry) an earlier live trial already does.
+    for key, reason in (
+        ("preset", "the {} preset is run by an earlier trial"),
+        ("retry_of", "trial {} is retried by an earlier trial"),
     ):
-        note = f"not run: the {preset} preset is run by an earlier trial"
-        trial.set_user_attr("surplus", note)
-        raise _Surplus(note)
-    retry_of = mine.user_attrs.get("retry_of")
-    if retry_of is not None and any(
-        t.user_attrs.get("retry_of") == retry_of and t.state in live and t.number < trial.number
-        for t in trials
-    ):
-        note = f"not run: trial {retry_of} is retried by an earlier trial"
-        trial.set_user_attr("surplus", note)
-        raise _Surplus(note)
+        job = mine.user_attrs.get(key)
+        if job is not None and any(
+            t.user_attrs.get(key) == job and t.state in live and t.number < trial.number
+            for t in trials
+        ):
+            note = "not run: " + reason.format(job)
+            trial.set_user_attr("surplus", note)
+            raise _Surplus(note)
     if heartbeat:
         ahead = [
             t
