@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     input_size = parse_input_size(args.input_size)
     device = cost.resolve_device(args.device)
     if args.model.endswith(".safetensors"):
-        return _inspect_artifact(args, device=device, input_size=input_size)
+        return _inspect_artifact(args, device=device)
     if args.data is not None or args.plot is not None:
         raise DynifyError(
             "--data and --plot measure a converted model's routing: give a .safetensors "
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect_artifact(args: argparse.Namespace, *, device, input_size) -> int:
+def _inspect_artifact(args: argparse.Namespace, *, device) -> int:
     """An artifact: its plan and cost, and with --data its routing, layer by layer."""
     import dynify
     from dynify import cost

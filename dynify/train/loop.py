@@ -240,8 +240,7 @@ def finetune(
             finished epoch is left intact).
         DynifyError: bad data, settings, or a checkpoint that does not fit.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise DynifyError(f"epochs must be a positive integer, got {epochs!r}")
+    _check_integer(epochs, minimum=1, expected="epochs must be a positive integer")
     if batch_size < 1:
         raise DynifyError(f"batch size must be >= 1, got {batch_size}")
     if sched not in SCHEDULERS:
@@ -250,13 +249,8 @@ def finetune(
         raise DynifyError(f"distill weight must be in [0, 1], got {distill_weight}")
     if resume is True and output is None:
         raise DynifyError("resume needs the run folder: give output= (--output DIR)")
-    if (
-        isinstance(routing_images, bool)
-        or not isinstance(routing_images, int)
-        or routing_images < 0
-    ):
-        raise DynifyError(f"routing images must be an integer >= 0, got {routing_images!r}")
-    _check_workers(workers)
+    _check_integer(routing_images, minimum=0, expected="routing images must be an integer >= 0")
+    _check_integer(workers, minimum=0, expected=_WORKERS_EXPECTED)
     if lr is None:
         lr = (0.1 if opt.lower() in _SGD_LIKE else 1e-3) * batch_size / 256
     if not (math.isfinite(lr) and lr > 0):
@@ -473,11 +467,12 @@ class _Run:
                 f"checkpoint {str(path)!r} has finished {done} epochs, this run asks --epochs "
                 f"{self.settings['epochs']}; give --epochs {done} or more to continue it"
             )
-        if _layer_settings(state.get("plan")) != _layer_settings(_plan_dict(self.model)):
+        saved_plan, plan = state.get("plan"), _plan_dict(self.model)
+        if _layer_settings(saved_plan) != _layer_settings(plan):
             raise DynifyError(
                 f"checkpoint {str(path)!r} was written for another conversion plan (recipe "
-                f"{(state.get('plan') or {}).get('recipe')!r}, this run's "
-                f"{(_plan_dict(self.model) or {}).get('recipe')!r}): resume with the same MODEL "
+                f"{(saved_plan or {}).get('recipe')!r}, this run's "
+                f"{(plan or {}).get('recipe')!r}): resume with the same MODEL "
                 f"and --recipe, or give another --output"
             )
         return state
@@ -744,7 +739,7 @@ def evaluate(
     """
     from dynify.train.data import data_config, eval_loader
 
-    _check_workers(workers)
+    _check_integer(workers, minimum=0, expected=_WORKERS_EXPECTED)
     data = load_data(data, holdout=holdout, val_images=val_images, cache_dir=data_cache)
     procs = start_processes(device)
     try:
@@ -822,12 +817,15 @@ def _evaluate(
     }
 
 
-def _check_workers(workers: int) -> None:
-    """Refused here rather than as a DataLoader traceback."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise DynifyError(
-            f"workers must be an integer >= 0 (0: load in this process), got {workers!r}"
-        )
+# Refused here rather than as a DataLoader traceback.
+_WORKERS_EXPECTED = "workers must be an integer >= 0 (0: load in this process)"
+
+
+def _check_integer(value: Any, *, minimum: int, expected: str) -> None:
+    """Refuse ``value`` unless it is an int (a bool is not) of at least ``minimum``: one line,
+    ``expected`` and what was given."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DynifyError(f"{expected}, got {value!r}")
 
 
 def _plan_dict(model: nn.Module) -> dict[str, Any] | None:
