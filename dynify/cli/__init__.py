@@ -141,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DynifyError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return interrupted(prog, exiting=argv is None)
+    except KeyboardInterrupt as interrupt:
+        return interrupted(prog, exiting=argv is None, reason=str(interrupt))
     except (MemoryError, RuntimeError) as err:
         # Sizes a user chose (a batch, an image size, a class count) that no check above
         # priced: say so in one line; any other error is a bug and keeps its traceback.
@@ -187,9 +187,10 @@ def _import_libraries() -> bool:
     return bool(pending)
 
 
-def interrupted(prog: str = "dynify", *, exiting: bool = True) -> int:
-    """Say that the command was interrupted, in one line; the exit status for it (130, as a
-    shell reports a process ended by SIGINT).
+def interrupted(prog: str = "dynify", *, exiting: bool = True, reason: str = "") -> int:
+    """Say that the command was interrupted, in one line (with ``reason``, what the command
+    said of it, e.g. the search's "trial 3 will be run again on resume"); the exit status for
+    it (130, as a shell reports a process ended by SIGINT).
 
     ``exiting``: the process ends next (``main()`` run as the program, reading
     ``sys.argv``), so a second Ctrl-C during Python's shutdown, which would print a
@@ -197,7 +198,7 @@ def interrupted(prog: str = "dynify", *, exiting: bool = True) -> int:
     """
     if exiting and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print(f"{prog}: interrupted", file=sys.stderr)
+    print(f"{prog}: interrupted{f': {reason}' if reason else ''}", file=sys.stderr, flush=True)
     return 130
 
 

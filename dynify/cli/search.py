@@ -115,7 +115,6 @@ def _number(name: str, text: str | None) -> float | int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
 
     from dynify.search.run import search
     from dynify.search.study import SearchSettings
@@ -150,11 +149,6 @@ def run(args: argparse.Namespace) -> int:
         data_cache=args.data_cache,
         **numbers,  # type: ignore[arg-type]
     )
-    try:
-        outcome = search(settings)
-    except KeyboardInterrupt as interrupt:
-        reason = f": {interrupt}" if str(interrupt) else ""
-        print(f"dynify search: interrupted{reason}", file=sys.stderr, flush=True)
-        return 130
+    outcome = search(settings)  # a Ctrl-C is said by the command line's own handler
     print(outcome.summary)
     return 0

@@ -50,9 +50,8 @@ class SearchOutcome:
 class _Progress:
     """One line per finished trial: number, result, best so far, time used and left."""
 
-    def __init__(self, ctx: SearchContext, prefix: str = "") -> None:
+    def __init__(self, ctx: SearchContext) -> None:
         self.ctx = ctx
-        self.prefix = prefix
         self.start = time.monotonic()
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -90,7 +89,7 @@ class _Progress:
         if self.ctx.settings.timeout is not None:
             left = min(left, max(self.ctx.settings.timeout - used, 0.0))
         print(
-            f"{self.prefix}trial {trial.number} ({len(done)}/{total}) {what}: {result}, {cost}"
+            f"{self.ctx.prefix}trial {trial.number} ({len(done)}/{total}) {what}: {result}, {cost}"
             f"{best} | {clock(used)} used, ~{clock(left)} left",
             flush=True,
         )
@@ -105,7 +104,7 @@ def _worker_main(settings: SearchSettings, index: int) -> None:
     try:
         ctx = prepare(settings)
         ctx.prefix = f"[worker {index}] "
-        run_worker(ctx, on_trial=_Progress(ctx, prefix=ctx.prefix))
+        run_worker(ctx, on_trial=_Progress(ctx))
     except DynifyError as err:
         print(f"[worker {index}] error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -119,17 +118,18 @@ def search(settings: SearchSettings) -> SearchOutcome:
     study = open_study(ctx, create=True)
     if settings.progress:
         static = ctx.static_cost
+        done = len(finished(study))
         print(
             f"search {study.study_name}: {ctx.model_name} at "
             f"{'x'.join(map(str, ctx.space.input_size))}, {len(ctx.groups)} groups "
             f"({ctx.space.granularity}), static {format_count(static.flops)}FLOPs, "
-            f"budget {ctx.budget}, {len(finished(study))}/{settings.trials} trials done, "
+            f"budget {ctx.budget}, {done}/{settings.trials} trials done, "
             f"device {ctx.device}, storage {_where(settings)}",
             flush=True,
         )
         for note in ctx.notes:
             print(f"note: {note}", flush=True)
-        remaining = settings.trials - len(finished(study))
+        remaining = settings.trials - done
         if remaining > 0:
             print(estimate(ctx, remaining, training_speed(ctx)), flush=True)
     if settings.workers == 1:
