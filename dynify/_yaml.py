@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from dynify.errors import DynifyError, did_you_mean, quoted
+from dynify.errors import QUOTE_LIMIT, DynifyError, did_you_mean, quoted
 
 __all__ = ["Doc", "load_yaml_file", "parse_yaml"]
 
@@ -67,9 +67,9 @@ class Doc:
             raise self.error(path, f"expected a mapping with keys {allowed}, got {_kind(value)}")
         for key in value:
             if key not in allowed:
-                # A hostile key can be megabytes: quoted short, and no fuzzy match against it.
-                hint = did_you_mean(str(key), allowed) if len(str(key)) <= 80 else ""
-                key = quoted(key) if len(str(key)) > 80 else key
+                # A hostile key can be megabytes: quoted short (and did_you_mean skips it).
+                hint = did_you_mean(str(key), allowed)
+                key = quoted(key) if len(str(key)) > QUOTE_LIMIT else key
                 sub = f"{path}.{key}" if path else str(key)
                 raise self.error(
                     sub,

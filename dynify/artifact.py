@@ -216,8 +216,8 @@ def check_model_kwargs(kwargs: Any, *, where: str) -> dict[str, Any]:
     accepted = ", ".join(MODEL_KWARGS)
     for key, value in kwargs.items():
         if key not in MODEL_KWARGS:
-            # A hostile key can be megabytes: quoted short, and no fuzzy match against it.
-            hint = did_you_mean(str(key), MODEL_KWARGS) if len(str(key)) <= 80 else ""
+            # A hostile key can be megabytes: quoted short (and did_you_mean skips it).
+            hint = did_you_mean(str(key), MODEL_KWARGS)
             raise DynifyError(
                 f"{where}: {quoted(key)} is not accepted{hint}: an "
                 f"artifact only rebuilds an architecture, from the keys {accepted}"

@@ -15,12 +15,20 @@ from typing import Any
 __all__ = ["QUOTE_LIMIT", "DynifyError", "did_you_mean", "quoted", "shorten"]
 
 
+# How much of an untrusted value a message quotes.
+QUOTE_LIMIT = 80
+
+
 class DynifyError(ValueError):
     """Bad input: the message is one line meant for the user, with no traceback."""
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest choice, or an empty string."""
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or an empty string (always
+    for a value longer than :data:`QUOTE_LIMIT`: a hostile key can be megabytes, and the
+    fuzzy match costs its length times every choice's)."""
+    if len(str(value)) > QUOTE_LIMIT:
+        return ""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -42,10 +50,6 @@ def shorten(text: str, limit: int) -> str:
     else:  # one word longer than the limit: nothing better than cutting it
         head = text[:room]
     return head.rstrip(" ,;:(") + "…"
-
-
-# How much of an untrusted value a message quotes.
-QUOTE_LIMIT = 80
 
 
 def quoted(value: Any, *, limit: int = QUOTE_LIMIT) -> str:

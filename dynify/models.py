@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynify.errors import DynifyError, shorten
+from dynify.errors import QUOTE_LIMIT, DynifyError, quoted, shorten
 
 __all__ = [
     "MAX_COUNT",
@@ -70,7 +70,7 @@ def check_model_name(name: Any, *, where: str | None = None, plain: bool = False
             return name
         if plain:
             raise DynifyError(
-                f"{prefix}{shorten(repr(name), 80)} is not a plain architecture name; "
+                f"{prefix}{quoted(name)} is not a plain architecture name; "
                 f"expected a timm architecture without a pretrained tag, such as {arch!r}"
             )
         tags = timm.list_models(f"{arch}.*", include_tags=True)
@@ -78,12 +78,12 @@ def check_model_name(name: Any, *, where: str | None = None, plain: bool = False
             return name
         known = f"its tags: {', '.join(tags)}" if tags else f"{arch} has no pretrained tags"
         raise DynifyError(
-            f"{prefix}unknown pretrained tag {shorten(repr(tag), 80)} of model {arch!r} ({known}); "
+            f"{prefix}unknown pretrained tag {quoted(tag)} of model {arch!r} ({known}); "
             f"a tag only chooses which weights --pretrained downloads: give {arch!r} alone "
             "otherwise"
         )
-    shown = shorten(repr(name), 80)
-    close = _close_names(name) if isinstance(name, str) and len(name) <= 80 else []
+    shown = quoted(name)
+    close = _close_names(name) if isinstance(name, str) and len(name) <= QUOTE_LIMIT else []
     hint = f"; closest timm names: {', '.join(close)}" if close else ""
     raise DynifyError(f"{prefix}unknown model {shown}{hint} (see timm.list_models())")
 

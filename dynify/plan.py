@@ -24,7 +24,6 @@ __all__ = ["MAX_CHANNELS", "MAX_SIDE", "LayerPlan", "Plan", "parse_plan", "resol
 # ``inspect --data`` resizes images to), far below what would exhaust memory.
 MAX_SIDE = 8192
 MAX_CHANNELS = 4096
-# What a message quotes of a value read from a file (a hostile key can be megabytes).
 # Where the equivalence check's error was measured (see dynify.convert._check_equivalence).
 CHECK_PRECISIONS = ("float16", "bfloat16", "float32", "float64")
 
