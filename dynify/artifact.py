@@ -323,7 +323,7 @@ def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     )
 
 
-def _build(info: ArtifactInfo, where: str, *, meta: bool) -> nn.Module:
+def _build(info: ArtifactInfo, plan: Plan, where: str, *, meta: bool) -> nn.Module:
     """The converted model the metadata describe, with random weights; on the meta device
     (``meta``: no memory), so that it can be compared with the file's tensors before
     anything is allocated.
@@ -349,7 +349,6 @@ def _build(info: ArtifactInfo, where: str, *, meta: bool) -> nn.Module:
             f"({type(err).__name__}: {shorten(str(err), 120) or 'no message'}); not this "
             "file's model (damaged or forged metadata)"
         ) from err
-    plan = info.plan
     for i, layer in enumerate(plan.layers):
         if not layer.convert:
             continue
@@ -434,8 +433,9 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
 
     info = read_info(path)
     where = repr(str(path))
-    _check_tensors(_build(info, where, meta=True), info, Path(path), where)
-    model = _build(info, where, meta=False)
+    plan = info.plan  # parsed once for both builds (read_info only validated it)
+    _check_tensors(_build(info, plan, where, meta=True), info, Path(path), where)
+    model = _build(info, plan, where, meta=False)
     try:
         load_model(model, str(path), strict=True, device=str(device))
     except RuntimeError as err:

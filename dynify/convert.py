@@ -164,13 +164,20 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 Swap = tuple[list[str], nn.Module, nn.Module]  # the names, the conv, its dynamic layer
 
 
-def _swap(model: nn.Module, plan: Plan, generator: torch.Generator | None) -> list[Swap]:
-    """Replace each planned conv by its dynamic layer; return what was swapped where."""
+def _swap(
+    model: nn.Module,
+    planned: list[tuple[LayerPlan, nn.Module]],
+    generator: torch.Generator | None,
+) -> list[Swap]:
+    """Replace each planned conv (:func:`_planned_modules`) by its dynamic layer; return what
+    was swapped where."""
     aliases = _module_names(model)
     swaps: list[Swap] = []
-    for layer, module in _planned_modules(model, plan):
-        if any(module is old for _, old, _ in swaps):
+    swapped: set[int] = set()
+    for layer, module in planned:
+        if id(module) in swapped:
             raise DynifyError(f"plan layer {layer.name!r}: this conv is planned twice")
+        swapped.add(id(module))
         new = build_layer(module, layer, generator=generator)
         # A module registered under several names (tied weights) is swapped everywhere.
         names = aliases.get(id(module), [layer.name])
@@ -266,10 +273,14 @@ def check_memory(model: nn.Module, plan: Plan) -> None:
     Raises:
         DynifyError: one line with the figure, the largest layer and what is available.
     """
+    _check_memory(_planned_modules(model, plan))
+
+
+def _check_memory(planned: list[tuple[LayerPlan, nn.Module]]) -> None:
     need: dict[torch.device, int] = {}
     largest: dict[torch.device, tuple[int, LayerPlan, nn.Module]] = {}
     seen: set[int] = set()
-    for layer, module in _planned_modules(model, plan):
+    for layer, module in planned:
         weight = getattr(module, "weight", None)
         if id(module) in seen or not isinstance(weight, torch.Tensor):
             continue
@@ -352,11 +363,13 @@ def apply(
         trace = trace_model(model, input_size=input_size)
         plan = resolve_plan(trace, load_recipe(recipe), strict=strict)
         plan.model_name = model_name_of(model)
-    check_memory(model, plan)
+    # The planned convs are looked up and checked against the plan once, for both steps.
+    planned = _planned_modules(model, plan)
+    _check_memory(planned)
     # A layer initialised from scratch computes a new function by design: nothing to check.
     preserving = all(lp.settings.preserves_function for lp in plan.converted)
     checking = check and trace is not None and bool(plan.converted) and preserving
-    swaps = _swap(model, plan, generator)
+    swaps = _swap(model, planned, generator)
     setattr(model, _PLAN_ATTR, plan)
     if checking:
         assert trace is not None
