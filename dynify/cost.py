@@ -64,6 +64,7 @@ __all__ = [
     "Totals",
     "compare_latency",
     "count",
+    "decimal_prefix",
     "format_count",
     "format_totals",
     "latency",
@@ -198,15 +199,23 @@ class CostReport:
         }
 
 
-def format_count(n: float) -> str:
-    """``4_089_184_256`` -> ``"4.09 G"`` (decimal prefixes; append the unit)."""
+def decimal_prefix(n: float) -> tuple[float, str]:
+    """``4_089_184_256`` -> ``(4.089184256, "G")``: ``n`` scaled by its largest decimal
+    prefix (T, G, M, K; ``""`` below a thousand)."""
     n = float(n)
     for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= div:
-            v = n / div
-            digits = 2 if abs(v) < 10 else 1 if abs(v) < 100 else 0
-            return f"{v:.{digits}f} {prefix}"
-    return f"{n:g} "
+            return n / div, prefix
+    return n, ""
+
+
+def format_count(n: float) -> str:
+    """``4_089_184_256`` -> ``"4.09 G"`` (decimal prefixes; append the unit)."""
+    v, prefix = decimal_prefix(n)
+    if not prefix:
+        return f"{v:g} "
+    digits = 2 if abs(v) < 10 else 1 if abs(v) < 100 else 0
+    return f"{v:.{digits}f} {prefix}"
 
 
 # -- the static part of a trace, indexed once ---------------------------------------------

@@ -26,7 +26,7 @@ from dynify import cost
 from dynify._io import atomic_path, atomic_write_text
 from dynify._table import format_table
 from dynify.convert import apply
-from dynify.cost import format_count
+from dynify.cost import decimal_prefix, format_count
 from dynify.search.study import STATIC, SearchContext, plan_of_trial
 
 __all__ = [
@@ -102,10 +102,8 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 def count_label(value: float, _position: Any = None) -> str:
     """An axis tick for a count: ``1.2e8`` -> ``120M``, ``1.2e9`` -> ``1.2G`` (three
     significant digits, decimal prefixes, as FLOPs and parameters are quoted)."""
-    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= div:
-            return f"{value / div:.3g}{prefix}"
-    return f"{value:.3g}"
+    scaled, prefix = decimal_prefix(value)
+    return f"{scaled:.3g}{prefix}"
 
 
 def _legend_outside(ax: Any) -> None:
