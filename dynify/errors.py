@@ -4,6 +4,13 @@ Everything a user can get wrong (a model name, a recipe key, a budget string, a 
 raises :class:`DynifyError` with one line that names the file, key or value at fault and
 what would be accepted. The command line prints that line and exits with status 2; Python
 callers catch it like any other exception (it is also a ``ValueError``).
+
+A message names what a Python caller passed (``batch_size``); ``arguments`` lists those
+names, and the command line shows each as its flag (``--batch-size``). The exception's
+``__cause__`` keeps the error underneath (a model's own bug, a driver's message): the
+command line prints it with ``--debug``.
+
+:class:`TrainingDiverged` is not bad input: training ran and its loss stopped being finite.
 """
 
 from __future__ import annotations
@@ -12,7 +19,15 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["QUOTE_LIMIT", "DynifyError", "did_you_mean", "quoted", "shorten"]
+__all__ = [
+    "QUOTE_LIMIT",
+    "DynifyError",
+    "DynifyTypeError",
+    "TrainingDiverged",
+    "did_you_mean",
+    "quoted",
+    "shorten",
+]
 
 
 # How much of an untrusted value a message quotes.
@@ -20,7 +35,24 @@ QUOTE_LIMIT = 80
 
 
 class DynifyError(ValueError):
-    """Bad input: the message is one line meant for the user, with no traceback."""
+    """Bad input: the message is one line meant for the user, with no traceback.
+
+    ``arguments``: the Python argument names the message mentions (``"batch_size"``), which
+    the command line rewrites as its flags (``--batch-size``).
+    """
+
+    def __init__(self, message: str, *, arguments: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.arguments: tuple[str, ...] = tuple(arguments)
+
+
+class DynifyTypeError(DynifyError, TypeError):
+    """Bad input of the wrong type (``from_conv`` given a module that is not a conv)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training ran and its loss became NaN or infinite: not a bad input but a failed run
+    (the command line exits 1 with one line; ``--debug`` shows where)."""
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:

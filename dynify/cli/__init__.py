@@ -11,15 +11,17 @@ import argparse
 import importlib
 import math
 import os
+import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
 from dynify._version import __version__
-from dynify.errors import DynifyError, shorten
+from dynify.errors import DynifyError, TrainingDiverged, shorten
 
 __all__ = ["Limit", "check_limits", "interrupted", "main"]
 
@@ -117,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'dynify COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"dynify {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=bool(os.environ.get("DYNIFY_DEBUG")),
+        help="on an error, print its whole traceback and causes before the one-line message "
+        "(also DYNIFY_DEBUG=1)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"dynify.cli.{name}")
@@ -126,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Everything, the parser and its imports included, runs inside the handlers: a Ctrl-C or
-    # a bad input at any moment is one line on stderr, never a traceback.
+    # a bad input at any moment is one line on stderr, never a traceback (unless --debug).
     prog = "dynify"
+    parser: argparse.ArgumentParser | None = None
+    args: argparse.Namespace | None = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -139,8 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return interrupted(prog, exiting=argv is None)
         return int(args.run(args) or 0)
     except DynifyError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        _debug_traceback(args, err)
+        print(
+            f"{prog}: error: {_with_flags(str(err), err.arguments, parser, args)}", file=sys.stderr
+        )
         return 2
+    except TrainingDiverged as err:
+        _debug_traceback(args, err)
+        print(f"{prog}: error: {_with_flags(str(err), (), parser, args)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as interrupt:
         return interrupted(prog, exiting=argv is None, reason=str(interrupt))
     except (MemoryError, RuntimeError) as err:
@@ -148,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # priced: say so in one line; any other error is a bug and keeps its traceback.
         if not _out_of_memory(err):
             raise
+        _debug_traceback(args, err)
         print(
             f"{prog}: error: out of memory ({shorten(str(err).splitlines()[0], 160)}); lower "
             "the sizes asked for (--batch-size, --img-size, --input-size, --num-classes)",
@@ -159,6 +178,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         # keep Python from failing again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _debug_traceback(args: argparse.Namespace | None, err: BaseException) -> None:
+    """With ``--debug`` (or ``DYNIFY_DEBUG=1``), the whole traceback, causes included."""
+    debug = getattr(args, "debug", None) if args is not None else None
+    if debug if debug is not None else os.environ.get("DYNIFY_DEBUG"):
+        traceback.print_exception(err, file=sys.stderr)
+
+
+def _with_flags(
+    message: str,
+    arguments: Sequence[str],
+    parser: argparse.ArgumentParser | None,
+    args: argparse.Namespace | None,
+) -> str:
+    """``message`` with each Python argument name it lists (``batch_size``) written as the
+    command's flag for it (``--batch-size``), when the command has one."""
+    if not arguments or parser is None or args is None or not getattr(args, "command", None):
+        return message
+    flags = {}
+    for action in parser._actions:  # argparse keeps its subparsers there, no public accessor
+        if isinstance(action, argparse._SubParsersAction):
+            command = action.choices.get(args.command)
+            for option in command._actions if command is not None else ():
+                if option.option_strings:
+                    flags[option.dest] = max(option.option_strings, key=len)
+    for name in arguments:
+        if name in flags:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flags[name], message)
+    return message
 
 
 def _import_libraries() -> bool:
