@@ -27,8 +27,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from dynify.plan import LayerPlan, Plan, resolve_plan
     from dynify.recipe import LayerSettings, Recipe, load_recipe
     from dynify.routing import LayerRouting, RoutingReport, routing_report
-    from dynify.schedule import TemperatureSchedule, TemperatureScheduler
+    from dynify.schedule import TemperatureSchedule
     from dynify.trace import ConvSite, ModelTrace, trace_model
+    from dynify.train.temperature import TemperatureScheduler
 
 __all__ = [
     "ConvSite",
@@ -69,7 +70,8 @@ _SOURCES: dict[str, str] = {
         "dynify.plan": ("LayerPlan", "Plan", "resolve_plan"),
         "dynify.recipe": ("LayerSettings", "Recipe", "load_recipe"),
         "dynify.routing": ("LayerRouting", "RoutingReport", "routing_report"),
-        "dynify.schedule": ("TemperatureSchedule", "TemperatureScheduler"),
+        "dynify.schedule": ("TemperatureSchedule",),
+        "dynify.train.temperature": ("TemperatureScheduler",),
         "dynify.trace": ("ConvSite", "ModelTrace", "trace_model"),
     }.items()
     for name in names

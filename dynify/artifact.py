@@ -29,10 +29,11 @@ from torch import nn
 
 from dynify._io import atomic_path, write_error
 from dynify._version import __version__
-from dynify.convert import apply, model_name_of, plan_of
+from dynify.convert import _gib, apply, available_memory, model_name_of
 from dynify.errors import DynifyError, did_you_mean, quoted, shorten
+from dynify.layers.conv_variants import conversion_kind
 from dynify.models import MAX_COUNT, check_model_name
-from dynify.plan import Plan
+from dynify.plan import Plan, plan_of
 
 __all__ = [
     "FORMAT",
@@ -334,8 +335,6 @@ def _build(info: ArtifactInfo, plan: Plan, where: str, *, meta: bool) -> nn.Modu
     """
     import timm
 
-    from dynify.convert import conversion_kind
-
     name, kwargs = info["model_name"], info["model_kwargs"]
     # Never pretrained: the file's own tensors are the weights (read_info refused any other
     # source of weights in model_kwargs).
@@ -384,8 +383,6 @@ def _check_tensors(skeleton: nn.Module, info: ArtifactInfo, path: Path, where: s
     (safetensors drops duplicates), so a key may be absent when one of its aliases is there.
     """
     from safetensors import safe_open
-
-    from dynify.convert import _gib, available_memory
 
     with safe_open(str(path), framework="pt") as f:
         stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}

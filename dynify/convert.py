@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
-from dynify.layers.dynamic_conv_same import DynamicConv2dSame
-from dynify.plan import LayerPlan, Plan, resolve_plan
+from dynify.layers.conv_variants import conversion_kind, effective_weight
+from dynify.plan import LayerPlan, Plan, attach_plan, find_plan, plan_of, resolve_plan
 from dynify.recipe import Recipe, load_recipe
 from dynify.trace import ModelTrace, trace_model
 
@@ -40,62 +40,10 @@ __all__ = [
 # original and the converted model both computed in float64 (an exact conversion: ~1e-12).
 EQUIVALENCE_TOLERANCE = 1e-4
 
-_PLAN_ATTR = "_dynify_plan"
 RecipeLike = Recipe | dict[str, Any] | str | os.PathLike[str] | None
 
 
-# -- conv variants ------------------------------------------------------------------------
-
-
-def _same_pad(module: nn.Module) -> bool:
-    """Whether a timm conv pads TF-'SAME' style at run time."""
-    name = type(module).__name__
-    return name == "Conv2dSame" or (
-        name in ("StdConv2dSame", "ScaledStdConv2dSame") and bool(module.same_pad)
-    )
-
-
-def _effective_weight(module: nn.Conv2d) -> torch.Tensor:
-    """The kernel the module's forward really convolves with (weight standardisation applied
-    exactly as timm's StdConv2d / ScaledStdConv2d do)."""
-    name = type(module).__name__
-    if name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
-        gain = None
-        if name.startswith("Scaled"):
-            gain = (module.gain * module.scale).view(-1)
-        return F.batch_norm(
-            module.weight.reshape(1, module.out_channels, -1),
-            None,
-            None,
-            weight=gain,
-            training=True,
-            momentum=0.0,
-            eps=module.eps,
-        ).reshape_as(module.weight)
-    return module.weight
-
-
-_SUPPORTED_SUBCLASSES = (
-    "Conv2dSame",
-    "StdConv2d",
-    "StdConv2dSame",
-    "ScaledStdConv2d",
-    "ScaledStdConv2dSame",
-)
-
-
-def conversion_kind(module: nn.Module) -> tuple[type[DynamicConv2d] | None, str | None]:
-    """The dynamic class ``module`` converts to, or ``None`` and the reason it cannot."""
-    name = type(module).__name__
-    if name == "CondConv2d":
-        return None, "already dynamic (timm CondConv2d)"
-    if not isinstance(module, nn.Conv2d):
-        return None, f"not an nn.Conv2d ({name})"
-    if type(module).forward is not nn.Conv2d.forward and name not in _SUPPORTED_SUBCLASSES:
-        return None, f"{name} overrides Conv2d.forward; dynify does not know its function"
-    if isinstance(module.padding, str) and module.padding not in ("same", "valid"):
-        return None, f"unsupported padding {module.padding!r}"
-    return (DynamicConv2dSame if _same_pad(module) else DynamicConv2d), None
+# -- building a layer ---------------------------------------------------------------------
 
 
 def build_layer(
@@ -107,7 +55,7 @@ def build_layer(
         raise DynifyError(f"{layer.name}: cannot convert: {reason}")
     s = layer.settings
     with torch.no_grad():
-        weight = _effective_weight(module).detach()  # type: ignore[arg-type]
+        weight = effective_weight(module).detach()  # type: ignore[arg-type]
     return cls.from_conv(
         module,  # type: ignore[arg-type]
         num_experts=s.experts,
@@ -135,10 +83,8 @@ def make_plan(
     """Trace ``model`` (unless given a trace) and resolve ``recipe`` against it, without
     converting anything: what the cost model and the search price."""
     trace = model if isinstance(model, ModelTrace) else trace_model(model, input_size=input_size)
-    plan = resolve_plan(trace, load_recipe(recipe), strict=strict)
-    if isinstance(model, nn.Module):
-        plan.model_name = model_name_of(model)
-    return plan
+    name = model_name_of(model) if isinstance(model, nn.Module) else None
+    return resolve_plan(trace, load_recipe(recipe), strict=strict, model_name=name)
 
 
 def model_name_of(model: nn.Module) -> str | None:
@@ -351,7 +297,7 @@ def apply(
         The model, same class, with the planned convs swapped; ``plan_of(model)`` gives
         the per-layer plan.
     """
-    if hasattr(model, _PLAN_ATTR):
+    if find_plan(model) is not None:
         raise DynifyError("this model is already converted; apply dynify to the original model")
     if not inplace:
         model = copy.deepcopy(model)
@@ -361,8 +307,8 @@ def apply(
         trace = None
     else:
         trace = trace_model(model, input_size=input_size)
-        plan = resolve_plan(trace, load_recipe(recipe), strict=strict)
-        plan.model_name = model_name_of(model)
+        recipe = load_recipe(recipe)
+        plan = resolve_plan(trace, recipe, strict=strict, model_name=model_name_of(model))
     # The planned convs are looked up and checked against the plan once, for both steps.
     planned = _planned_modules(model, plan)
     _check_memory(planned)
@@ -370,10 +316,11 @@ def apply(
     preserving = all(lp.settings.preserves_function for lp in plan.converted)
     checking = check and trace is not None and bool(plan.converted) and preserving
     swaps = _swap(model, planned, generator)
-    setattr(model, _PLAN_ATTR, plan)
     if checking:
         assert trace is not None
-        plan.check_error, plan.check_precision = _check_equivalence(model, trace, swaps)
+        error, precision = _check_equivalence(model, trace, swaps)
+        plan = replace(plan, check_error=error, check_precision=precision)
+    attach_plan(model, plan)
     return model
 
 
@@ -474,11 +421,3 @@ def _restore_dtypes(model: nn.Module, dtypes: dict[tuple[int, str, str], torch.d
                 dtype = dtypes.get((id(module), "buffer", key))
                 if buffer is not None and dtype is not None and buffer.dtype != dtype:
                     module._buffers[key] = buffer.to(dtype)
-
-
-def plan_of(model: nn.Module) -> Plan:
-    """The plan ``apply`` (or ``dynify.load``) used to convert ``model``."""
-    plan = getattr(model, _PLAN_ATTR, None)
-    if plan is None:
-        raise DynifyError("this model was not converted by dynify (no plan attached)")
-    return plan

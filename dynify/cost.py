@@ -51,7 +51,7 @@ from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
 from dynify.layers._functional import runs_stacked
 from dynify.layers.attention import attention_hidden_width
-from dynify.plan import LayerPlan, Plan
+from dynify.plan import LayerPlan, Plan, find_plan
 
 __all__ = [
     "BUDGET_FORMS",
@@ -483,15 +483,6 @@ def _count_model(model: nn.Module, size: tuple[int, int, int], batch: int) -> tu
 # -- entry points ---------------------------------------------------------------------------
 
 
-def _plan_attached(model: nn.Module) -> Plan | None:
-    from dynify.convert import plan_of
-
-    try:
-        return plan_of(model)
-    except DynifyError:
-        return None
-
-
 def _bytes_per_param(model: nn.Module | None) -> int:
     param = None if model is None else next(model.parameters(), None)
     return 4 if param is None else param.element_size()
@@ -533,7 +524,7 @@ def count(
             )
     elif isinstance(model_or_plan, nn.Module):
         model = model_or_plan
-        plan = _plan_attached(model)
+        plan = find_plan(model)
         if plan is not None and size is not None and tuple(size) != tuple(plan.input_size):
             plan = None  # priced at another size: count the model itself
     else:
@@ -595,7 +586,7 @@ def measure_flops(
     dev = resolve_device(device)
     size = parse_input_size(input_size)
     if size is None:
-        plan = _plan_attached(model)
+        plan = find_plan(model)
         size = tuple(plan.input_size) if plan is not None else default_input_size(model)
     param = next(model.parameters(), None)
     target = model

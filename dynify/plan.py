@@ -2,14 +2,23 @@
 
 Second step of the data flow (trace -> plan -> swap). A plan says, for every conv the trace
 found, whether it becomes dynamic and with which settings, or why it stays static. It is
-plain data: the cost model prices it without building anything, ``apply`` builds from it,
-an artifact stores it, and ``Plan.to_recipe`` turns it back into a recipe.
+plain, immutable data: the cost model prices it without building anything, ``apply`` builds
+from it, an artifact stores it, and ``Plan.to_recipe`` turns it back into a recipe.
+
+A converted model carries its plan in the public attribute ``dynify_plan``
+(:data:`PLAN_ATTRIBUTE`); :func:`plan_of` and :func:`find_plan` read it through the
+wrappers training puts around a model (DistributedDataParallel, DataParallel,
+``torch.compile``), so no caller unwraps by hand.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from timm.utils import unwrap_model
+from torch import nn
 
 from dynify._opcount import CountedOp, OpCounts
 from dynify._yaml import Doc
@@ -18,7 +27,21 @@ from dynify.layers.attention import attention_hidden_width
 from dynify.recipe import LayerSettings, Recipe, Rule, Selector, parse_settings
 from dynify.trace import ConvSite, ModelTrace
 
-__all__ = ["MAX_CHANNELS", "MAX_SIDE", "LayerPlan", "Plan", "parse_plan", "resolve_plan"]
+__all__ = [
+    "MAX_CHANNELS",
+    "MAX_SIDE",
+    "PLAN_ATTRIBUTE",
+    "LayerPlan",
+    "Plan",
+    "attach_plan",
+    "find_plan",
+    "parse_plan",
+    "plan_of",
+    "resolve_plan",
+]
+
+# The attribute of a converted model that holds its Plan.
+PLAN_ATTRIBUTE = "dynify_plan"
 
 # The largest image a plan may describe: far above any timm model's input (and what
 # ``inspect --data`` resizes images to), far below what would exhaust memory.
@@ -93,11 +116,12 @@ class LayerPlan:
         return _layer(Doc(data, source, {}), data, "")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """Every conv of a model with its resolved settings, in execution order."""
+    """Every conv of a model with its resolved settings, in execution order (immutable:
+    ``dataclasses.replace`` makes a changed copy)."""
 
-    layers: list[LayerPlan]
+    layers: tuple[LayerPlan, ...]
     input_size: tuple[int, int, int]
     num_stages: int = 0
     recipe: str | None = None
@@ -110,6 +134,10 @@ class Plan:
     check_precision: str | None = None
     # What the rest of the network costs (from the trace), so the plan can be priced.
     op_counts: OpCounts | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "input_size", tuple(self.input_size))
 
     @property
     def converted(self) -> list[LayerPlan]:
@@ -214,8 +242,6 @@ class Plan:
         most common settings become the defaults (with ``convert: false``) and each other
         combination one rule listing its convs, so the file stays short.
         """
-        from collections import Counter
-
         by_settings: dict[LayerSettings, list[str]] = {}
         for lp in self.converted:
             settings = replace(lp.settings, temperature=lp.settings.schedule)
@@ -237,11 +263,18 @@ class Plan:
         return Recipe(defaults=defaults, rules=tuple(rules), description=description)
 
 
-def resolve_plan(trace: ModelTrace, recipe: Recipe, *, strict: bool | None = None) -> Plan:
+def resolve_plan(
+    trace: ModelTrace,
+    recipe: Recipe,
+    *,
+    strict: bool | None = None,
+    model_name: str | None = None,
+) -> Plan:
     """Resolve ``recipe`` against every conv of ``trace``.
 
     Args:
         strict: fail when a rule matches no conv (default: the recipe's own ``strict``).
+        model_name: the timm architecture the trace is of, recorded in the plan.
     """
     strict = recipe.strict if strict is None else strict
     hits = [0] * len(recipe.rules)
@@ -270,8 +303,32 @@ def resolve_plan(trace: ModelTrace, recipe: Recipe, *, strict: bool | None = Non
         num_stages=trace.num_stages,
         recipe=recipe.label,
         fx_error=trace.fx_error,
+        model_name=model_name,
         op_counts=trace.op_counts,
     )
+
+
+def find_plan(model: nn.Module) -> Plan | None:
+    """The plan ``model`` was converted with, or ``None`` for a model dynify did not convert;
+    ``model`` may be wrapped (DDP, DataParallel, ``torch.compile``)."""
+    plan = getattr(unwrap_model(model), PLAN_ATTRIBUTE, None)
+    return plan if isinstance(plan, Plan) else None
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The plan ``apply`` (or ``dynify.load``) used to convert ``model`` (wrappers are seen
+    through, as by :func:`find_plan`); a :class:`DynifyError` for a model without one."""
+    plan = find_plan(model)
+    if plan is None:
+        raise DynifyError("this model was not converted by dynify (no plan attached)")
+    return plan
+
+
+def attach_plan(model: nn.Module, plan: Plan) -> None:
+    """Make ``plan`` the plan ``model`` carries (what ``apply`` and ``dynify.load`` do)."""
+    # object.__setattr__ would skip nn.Module's bookkeeping; a Plan is neither a parameter,
+    # a buffer nor a module, so plain setattr stores it as an ordinary attribute.
+    setattr(unwrap_model(model), PLAN_ATTRIBUTE, plan)
 
 
 def _reason(site: ConvSite, settings: LayerSettings, matched: list[int], recipe: Recipe) -> str:

@@ -22,6 +22,7 @@ from torch import nn
 from dynify._opcount import OpCounts, OpRecorder
 from dynify.errors import DynifyError, shorten
 from dynify.layers import DynamicConv2d
+from dynify.layers.conv_variants import conversion_kind, is_conv
 
 __all__ = ["ConvSite", "ModelTrace", "default_input_size", "trace_model"]
 
@@ -141,18 +142,6 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
 # -- conv kinds ---------------------------------------------------------------------------
 
 
-def _is_conv(module: nn.Module) -> bool:
-    """A module this pass reports: any ``nn.Conv2d`` (timm subclasses included), or timm's
-    CondConv2d (already dynamic, reported so the plan says why it is left alone)."""
-    return isinstance(module, nn.Conv2d) or type(module).__name__ == "CondConv2d"
-
-
-def _unsupported_reason(module: nn.Module) -> str | None:
-    from dynify.convert import conversion_kind  # the swap knows which variants it handles
-
-    return conversion_kind(module)[1]
-
-
 # -- fx -----------------------------------------------------------------------------------
 
 
@@ -183,7 +172,7 @@ def _fx_trace(model: nn.Module) -> tuple[dict[str, int], str | None]:
     counts: dict[str, int] = {}
     modules = dict(model.named_modules())
     for node in graph.nodes:
-        if node.op == "call_module" and _is_conv(modules.get(str(node.target), nn.Identity())):
+        if node.op == "call_module" and is_conv(modules.get(str(node.target), nn.Identity())):
             counts[str(node.target)] = counts.get(str(node.target), 0) + 1
     return counts, None
 
@@ -268,7 +257,7 @@ def _classifier_names(model: nn.Module) -> set[str]:
     if not isinstance(head, nn.Module):
         return set()
     ids = {id(m) for m in head.modules()}
-    return {n for n, m in model.named_modules() if id(m) in ids and _is_conv(m)}
+    return {n for n, m in model.named_modules() if id(m) in ids and is_conv(m)}
 
 
 # -- the pass -----------------------------------------------------------------------------
@@ -301,7 +290,7 @@ def trace_model(
     if len(size) != 3 or any(int(v) <= 0 for v in size):
         raise DynifyError(f"input size must be three positive integers C,H,W, got {size}")
     size = tuple(int(v) for v in size)
-    convs = [(n, m) for n, m in model.named_modules() if _is_conv(m)]
+    convs = [(n, m) for n, m in model.named_modules() if is_conv(m)]
     names = [n for n, _ in convs]
 
     fx_counts, fx_error = _fx_trace(model) if use_fx else ({}, "fx not used")
@@ -430,7 +419,7 @@ def trace_model(
         # A conv that reads the network's input is stem wherever it sits (RepVGG's stem is a
         # block whose 3x3 and 1x1 convs both read the image).
         stem = stem or (t is not None and input_ptr.get(name) == example_ptr)
-        unsupported = _unsupported_reason(module)
+        unsupported = conversion_kind(module)[1]
         if unsupported is None and name not in in_shapes:
             unsupported = "not called in the example forward pass"
         sites.append(

@@ -102,8 +102,8 @@ def test_public_names_are_the_defining_modules_objects() -> None:
     from dynify.layers import DynamicConv2d, KernelAttention
     from dynify.recipe import load_recipe
     from dynify.routing import routing_report
-    from dynify.schedule import TemperatureScheduler
     from dynify.trace import trace_model
+    from dynify.train.temperature import TemperatureScheduler
 
     expected = [apply, make_plan, plan_of, load, save, DynifyError, DynamicConv2d]
     expected += [KernelAttention, load_recipe, routing_report, TemperatureScheduler, trace_model]

@@ -595,7 +595,9 @@ def test_a_plan_whose_geometry_lies_is_refused(resnet18: nn.Module) -> None:
     layer = plan.layer("layer1.0.conv1")
     index = plan.layers.index(layer)
     site = dataclasses.replace(layer.site, in_channels=1, out_channels=1)
-    plan.layers[index] = dataclasses.replace(layer, site=site)
+    layers = list(plan.layers)
+    layers[index] = dataclasses.replace(layer, site=site)
+    plan = dataclasses.replace(plan, layers=layers)
     with pytest.raises(
         DynifyError, match=r"layer1.0.conv1' is a 1->1 3x3 conv .* model's is 64->64"
     ):

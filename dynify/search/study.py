@@ -527,9 +527,8 @@ def plan_of_trial(trial: optuna.Trial | optuna.trial.FrozenTrial, ctx: SearchCon
         return _preset_plan(ctx, preset)
     if isinstance(trial, optuna.trial.FrozenTrial):
         trial = optuna.trial.FixedTrial(trial.params)  # type: ignore[assignment]
-    plan = resolve_plan(ctx.trace, sample_recipe(trial, ctx))  # type: ignore[arg-type]
-    plan.model_name = ctx.model_name
-    return plan
+    recipe = sample_recipe(trial, ctx)  # type: ignore[arg-type]
+    return resolve_plan(ctx.trace, recipe, model_name=ctx.model_name)
 
 
 # -- constraints and the objective ----------------------------------------------------------

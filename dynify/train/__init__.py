@@ -16,6 +16,7 @@ from dynify.train.loop import (
     evaluate,
     finetune,
 )
+from dynify.train.temperature import TemperatureScheduler
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -24,6 +25,7 @@ __all__ = [
     "EpochCallback",
     "FinetuneResult",
     "StopTraining",
+    "TemperatureScheduler",
     "TrainingDiverged",
     "default_cache_dir",
     "evaluate",

@@ -28,10 +28,12 @@ from torch import nn
 
 from dynify._io import atomic_write_text, ensure_writable
 from dynify.errors import DynifyError, shorten
-from dynify.schedule import TemperatureSchedule, TemperatureScheduler
+from dynify.plan import find_plan
+from dynify.schedule import TemperatureSchedule
 from dynify.train import checkpoint
 from dynify.train.data import Data, Loaders, derive_seed, load_data, make_loaders
 from dynify.train.distributed import Processes, start_processes
+from dynify.train.temperature import TemperatureScheduler
 
 __all__ = [
     "SCHEDULERS",
@@ -830,12 +832,8 @@ def _check_integer(value: Any, *, minimum: int, expected: str) -> None:
 
 def _plan_dict(model: nn.Module) -> dict[str, Any] | None:
     """The model's conversion plan as saved in checkpoints; ``None`` for a static model."""
-    from dynify.convert import plan_of
-
-    try:
-        return plan_of(model).to_dict()
-    except DynifyError:
-        return None
+    plan = find_plan(model)
+    return None if plan is None else plan.to_dict()
 
 
 def _layer_settings(plan: dict[str, Any] | None) -> list[Any] | None:
