@@ -271,6 +271,202 @@ def _example(model: nn.Module, input_size: tuple[int, int, int]) -> torch.Tensor
     return torch.randn(1, *input_size, generator=gen).to(device=device, dtype=dtype)
 
 
+@dataclass
+class _Observation:
+    """What one hooked example run saw: per conv its shapes, calls and when it ran; per
+    block the tensor it was given; per feature (stage) module when it finished."""
+
+    order: list[str] = field(default_factory=list)  # convs in the order they first ran
+    in_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    input_ptr: dict[str, int] = field(default_factory=dict)  # which tensor each conv read
+    block_input_ptr: dict[str, int] = field(default_factory=dict)
+    conv_time: dict[str, int] = field(default_factory=dict)  # a clock ticking per hook call
+    feature_end: dict[str, int] = field(default_factory=dict)
+    example_ptr: int = 0
+    output: Any = None
+    op_counts: OpCounts | None = None
+
+
+def _observe(
+    model: nn.Module,
+    convs: list[tuple[str, nn.Module]],
+    blocks: dict[str, str],
+    features: list[str],
+    example: torch.Tensor,
+    size: tuple[int, ...],
+) -> _Observation:
+    """Run ``example`` through ``model`` once, in eval mode under ``no_grad``, with hooks on
+    every conv, block and feature module (all removed, and the mode restored, after)."""
+    seen = _Observation(calls=dict.fromkeys((n for n, _ in convs), 0))
+    seen.example_ptr = example.data_ptr()
+    clock = [0]
+    modules = dict(model.named_modules())
+
+    def conv_pre(name: str):
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            seen.calls[name] += 1
+            clock[0] += 1
+            if name not in seen.in_shapes and isinstance(x, torch.Tensor):
+                seen.in_shapes[name] = tuple(x.shape[1:])
+                seen.input_ptr[name] = x.data_ptr()
+                seen.conv_time[name] = clock[0]
+                seen.order.append(name)
+
+        return hook
+
+    def conv_post(name: str):
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            if name not in seen.out_shapes and isinstance(out, torch.Tensor):
+                seen.out_shapes[name] = tuple(out.shape[1:])
+
+        return hook
+
+    def block_pre(block: str):
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            if block not in seen.block_input_ptr and args and isinstance(args[0], torch.Tensor):
+                seen.block_input_ptr[block] = args[0].data_ptr()
+
+        return hook
+
+    def feature_post(feature: str):
+        def hook(_m: nn.Module, _a: Any, _o: Any) -> None:
+            clock[0] += 1
+            seen.feature_end.setdefault(feature, clock[0])
+
+        return hook
+
+    handles = []
+    for name, module in convs:
+        handles.append(module.register_forward_pre_hook(conv_pre(name)))
+        handles.append(module.register_forward_hook(conv_post(name)))
+    for block in sorted(set(blocks.values())):
+        handles.append(modules[block].register_forward_pre_hook(block_pre(block)))
+    for feature in features:
+        handles.append(modules[feature].register_forward_hook(feature_post(feature)))
+
+    recorder = OpRecorder(model, (example,))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), recorder:
+            seen.output = model(example)
+    except Exception as err:
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise DynifyError(
+            f"the model does not run on an input of size {size}: {type(err).__name__}: {message}"
+        ) from err
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    seen.op_counts = recorder.counts()
+    return seen
+
+
+@dataclass(frozen=True)
+class _Position:
+    stem: bool
+    stage: int | None
+    first_in_block: bool
+    last_in_block: bool
+
+
+def _positions(
+    seen: _Observation, names: list[str], blocks: dict[str, str], features: list[str]
+) -> dict[str, _Position]:
+    """Each conv's place in the network, from the order things ran in (the rules below)."""
+    order = seen.order
+    # Stage: the first feature (stage) module to finish after the conv ran.
+    ends = sorted(
+        (t, i)
+        for i, (f, t) in enumerate(
+            (f, seen.feature_end[f]) for f in features if f in seen.feature_end
+        )
+    )
+    # Stem: the convs that run before the first conv of any block (ResNet-D's three, DLA's
+    # base and level 0-1); the first conv alone when the network has no blocks.
+    # Convs inside the stage that holds the first block (DLA's level-2 projection) are
+    # not stem either.
+    first_block_conv = next((c for c in order if c in blocks), None)
+    first_block_time = seen.conv_time[first_block_conv] if first_block_conv else None
+    first_stage = next(
+        (f for f in features if first_block_conv and first_block_conv.startswith(f + ".")), None
+    )
+    # Block positions along the main path: the first and the last executed conv of the
+    # block that is not on its shortcut (reads the block's own input, or lives in a
+    # shortcut / downsample branch), so a residual's projection is neither.
+    by_block: dict[str, list[str]] = {}
+    for c in order:
+        if c in blocks:
+            by_block.setdefault(blocks[c], []).append(c)
+    first_of, last_of = set(), set()
+    for block, members in by_block.items():
+        branch = [
+            c for c in members if not _SHORTCUT_NAMES.intersection(c[len(block) + 1 :].split("."))
+        ]
+        main = [c for c in branch if seen.input_ptr.get(c) != seen.block_input_ptr.get(block)]
+        first_of.add((branch or members)[0])
+        last_of.add((main or branch or members)[-1])
+
+    out = {}
+    for name in names:
+        t = seen.conv_time.get(name)
+        stage = next((idx for end_time, idx in ends if t is not None and t <= end_time), None)
+        if t is None:
+            stem = False
+        elif first_block_time is None or first_block_time == seen.conv_time[order[0]]:
+            stem = name == order[0]
+        else:
+            stem = t < first_block_time and not (first_stage and name.startswith(first_stage + "."))
+        # A conv that reads the network's input is stem wherever it sits (RepVGG's stem is a
+        # block whose 3x3 and 1x1 convs both read the image).
+        stem = stem or (t is not None and seen.input_ptr.get(name) == seen.example_ptr)
+        out[name] = _Position(stem, stage, name in first_of, name in last_of)
+    return out
+
+
+def _site(
+    name: str,
+    module: nn.Module,
+    seen: _Observation,
+    position: _Position,
+    *,
+    block: str | None,
+    classifier: bool,
+    found_by: FoundBy,
+) -> ConvSite:
+    unsupported = conversion_kind(module)[1]
+    if unsupported is None and name not in seen.in_shapes:
+        unsupported = "not called in the example forward pass"
+    return ConvSite(
+        name=name,
+        type_name=type(module).__name__,
+        in_channels=int(module.in_channels),
+        out_channels=int(module.out_channels),
+        kernel_size=tuple(module.kernel_size),
+        stride=tuple(module.stride),
+        padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+        dilation=tuple(module.dilation),
+        groups=int(module.groups),
+        bias=getattr(module, "bias", None) is not None,
+        params=sum(p.numel() for p in module.parameters(recurse=False)),
+        input_shape=seen.in_shapes.get(name),  # type: ignore[arg-type]
+        output_shape=seen.out_shapes.get(name),  # type: ignore[arg-type]
+        calls=seen.calls[name],
+        found_by=found_by,
+        stem=position.stem and not classifier,
+        stage=position.stage,
+        block=block,
+        first_in_block=position.first_in_block,
+        last_in_block=position.last_in_block,
+        classifier=classifier,
+        unsupported=unsupported,
+    )
+
+
 def trace_model(
     model: nn.Module,
     *,
@@ -292,170 +488,37 @@ def trace_model(
     size = tuple(int(v) for v in size)
     convs = [(n, m) for n, m in model.named_modules() if is_conv(m)]
     names = [n for n, _ in convs]
-
     fx_counts, fx_error = _fx_trace(model) if use_fx else ({}, "fx not used")
-
-    # One example run with hooks: shapes, call counts, execution order.
-    order: list[str] = []
-    in_shapes: dict[str, tuple[int, ...]] = {}
-    out_shapes: dict[str, tuple[int, ...]] = {}
-    calls: dict[str, int] = dict.fromkeys(names, 0)
-    input_ptr: dict[str, int] = {}
-    block_input_ptr: dict[str, int] = {}
-    feature_end: dict[str, int] = {}
-    conv_time: dict[str, int] = {}
-    clock = [0]
-    handles = []
-
-    def conv_pre(name: str):
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            calls[name] += 1
-            clock[0] += 1
-            if name not in in_shapes and isinstance(x, torch.Tensor):
-                in_shapes[name] = tuple(x.shape[1:])
-                input_ptr[name] = x.data_ptr()
-                conv_time[name] = clock[0]
-                order.append(name)
-
-        return hook
-
-    def conv_post(name: str):
-        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-            if name not in out_shapes and isinstance(out, torch.Tensor):
-                out_shapes[name] = tuple(out.shape[1:])
-
-        return hook
-
     modules = dict(model.named_modules())
     features = [f for f in _feature_modules(model) if f in modules]
     blocks = _blocks(model, names, features)
-    for name, module in convs:
-        handles.append(module.register_forward_pre_hook(conv_pre(name)))
-        handles.append(module.register_forward_hook(conv_post(name)))
-    for block in set(blocks.values()):
-
-        def block_pre(_m: nn.Module, args: tuple[Any, ...], block: str = block) -> None:
-            if block not in block_input_ptr and args and isinstance(args[0], torch.Tensor):
-                block_input_ptr[block] = args[0].data_ptr()
-
-        handles.append(modules[block].register_forward_pre_hook(block_pre))
-    for feat in features:
-
-        def feat_post(_m: nn.Module, _a: Any, _o: Any, feat: str = feat) -> None:
-            clock[0] += 1
-            feature_end.setdefault(feat, clock[0])
-
-        handles.append(modules[feat].register_forward_hook(feat_post))
 
     # The example runs through the model itself, not the traced graph: module hooks then
     # fire for every block and feature module too (fx inlines those), and a graph that fx
     # traced but froze a branch of cannot mislead the shapes.
     example = _example(model, size)
-    recorder = OpRecorder(model, (example,))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), recorder:
-            output = model(example)
-    except Exception as err:
-        message = str(err).splitlines()[0] if str(err) else ""
-        raise DynifyError(
-            f"the model does not run on an input of size {size}: {type(err).__name__}: {message}"
-        ) from None
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-
-    # Stem: the convs that run before the first conv of any block (ResNet-D's three, DLA's
-    # base and level 0-1); the first conv alone when the network has no blocks.
-    # Convs inside the stage that holds the first block (DLA's level-2 projection) are
-    # not stem either.
-    first_block_conv = next((c for c in order if c in blocks), None)
-    first_block_time = conv_time[first_block_conv] if first_block_conv else None
-    first_stage = next(
-        (f for f in features if first_block_conv and first_block_conv.startswith(f + ".")), None
-    )
+    seen = _observe(model, convs, blocks, features, example, size)
+    positions = _positions(seen, names, blocks, features)
     classifier = _classifier_names(model)
-    ends = sorted(
-        (t, i) for i, (f, t) in enumerate((f, feature_end[f]) for f in features if f in feature_end)
-    )
-
-    # Block positions along the main path: the first and the last executed conv of the
-    # block that is not on its shortcut (reads the block's own input, or lives in a
-    # shortcut / downsample branch), so a residual's projection is neither.
-    by_block: dict[str, list[str]] = {}
-    for c in order:
-        if c in blocks:
-            by_block.setdefault(blocks[c], []).append(c)
-    first_of, last_of = set(), set()
-    for block, members in by_block.items():
-        branch = [
-            c for c in members if not _SHORTCUT_NAMES.intersection(c[len(block) + 1 :].split("."))
-        ]
-        main = [c for c in branch if input_ptr.get(c) != block_input_ptr.get(block)]
-        first_of.add((branch or members)[0])
-        last_of.add((main or branch or members)[-1])
-
-    sites = []
-    ordered = order + [n for n in names if n not in in_shapes]
-    example_ptr = example.data_ptr()
-    for name in ordered:
-        module = modules[name]
-        t = conv_time.get(name)
-        stage = None
-        if t is not None:
-            for end_time, idx in ends:
-                if t <= end_time:
-                    stage = idx
-                    break
-        if t is None:
-            stem = False
-        elif first_block_time is None or first_block_time == conv_time[order[0]]:
-            stem = name == order[0]
-        else:
-            stem = t < first_block_time and not (first_stage and name.startswith(first_stage + "."))
-        # A conv that reads the network's input is stem wherever it sits (RepVGG's stem is a
-        # block whose 3x3 and 1x1 convs both read the image).
-        stem = stem or (t is not None and input_ptr.get(name) == example_ptr)
-        unsupported = conversion_kind(module)[1]
-        if unsupported is None and name not in in_shapes:
-            unsupported = "not called in the example forward pass"
-        sites.append(
-            ConvSite(
-                name=name,
-                type_name=type(module).__name__,
-                in_channels=int(module.in_channels),
-                out_channels=int(module.out_channels),
-                kernel_size=tuple(module.kernel_size),
-                stride=tuple(module.stride),
-                padding=module.padding
-                if isinstance(module.padding, str)
-                else tuple(module.padding),
-                dilation=tuple(module.dilation),
-                groups=int(module.groups),
-                bias=getattr(module, "bias", None) is not None,
-                params=sum(p.numel() for p in module.parameters(recurse=False)),
-                input_shape=in_shapes.get(name),  # type: ignore[arg-type]
-                output_shape=out_shapes.get(name),  # type: ignore[arg-type]
-                calls=calls[name],
-                found_by="fx" if name in fx_counts else "hook",
-                stem=stem and name not in classifier,
-                stage=stage,
-                block=blocks.get(name),
-                first_in_block=name in first_of,
-                last_in_block=name in last_of,
-                classifier=name in classifier,
-                unsupported=unsupported,
-            )
+    ordered = seen.order + [n for n in names if n not in seen.in_shapes]
+    sites = [
+        _site(
+            name,
+            modules[name],
+            seen,
+            positions[name],
+            block=blocks.get(name),
+            classifier=name in classifier,
+            found_by="fx" if name in fx_counts else "hook",
         )
+        for name in ordered
+    ]
     return ModelTrace(
         input_size=size,  # type: ignore[arg-type]
         sites=sites,
         fx_error=fx_error,
         num_stages=len(features),
         example_input=example,
-        example_output=output,
-        op_counts=recorder.counts(),
+        example_output=seen.output,
+        op_counts=seen.op_counts,
     )
