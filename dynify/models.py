@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dynify.errors import QUOTE_LIMIT, DynifyError, quoted, shorten
+from dynify.trace import check_input_size
 
 __all__ = [
     "MAX_COUNT",
@@ -245,25 +246,7 @@ def load_checkpoint_into(model: nn.Module, path: str | os.PathLike[str]) -> None
 
 
 def parse_input_size(text: str | Sequence[int] | None) -> tuple[int, int, int] | None:
-    """``"3,224,224"`` (or ``"3x224x224"``) -> ``(3, 224, 224)``."""
-    if text is None:
-        return None
-    if isinstance(text, str):
-        parts = text.replace("x", ",").split(",")
-        try:
-            values = tuple(int(p) for p in parts)
-        except ValueError:
-            values = ()
-    else:
-        values = tuple(int(v) for v in text)
-    if len(values) != 3 or any(v <= 0 for v in values):
-        raise DynifyError(f"input size must be C,H,W (three positive integers), got {text!r}")
-    # The same bounds an artifact's plan is held to: one example image of 3x100000x100000 is
-    # 120 GB before the model runs.
-    from dynify.plan import MAX_CHANNELS, MAX_SIDE
-
-    if values[0] > MAX_CHANNELS or max(values[1:]) > MAX_SIDE:
-        raise DynifyError(
-            f"input size {text!r}: C must be at most {MAX_CHANNELS} and H, W at most {MAX_SIDE}"
-        )
-    return values  # type: ignore[return-value]
+    """``"3,224,224"`` (or ``"3x224x224"``, or a sequence) -> ``(3, 224, 224)``; ``None``
+    stays ``None`` (the model's own size). Bounded as every input size is
+    (:func:`dynify.trace.check_input_size`)."""
+    return None if text is None else check_input_size(text)

@@ -25,7 +25,7 @@ from dynify._yaml import Doc
 from dynify.errors import DynifyError, quoted, shorten
 from dynify.layers.attention import attention_hidden_width
 from dynify.recipe import LayerSettings, Recipe, Rule, Selector, parse_settings
-from dynify.trace import ConvSite, ModelTrace
+from dynify.trace import MAX_CHANNELS, MAX_SIDE, ConvSite, ModelTrace
 
 __all__ = [
     "MAX_CHANNELS",
@@ -43,10 +43,6 @@ __all__ = [
 # The attribute of a converted model that holds its Plan.
 PLAN_ATTRIBUTE = "dynify_plan"
 
-# The largest image a plan may describe: far above any timm model's input (and what
-# ``inspect --data`` resizes images to), far below what would exhaust memory.
-MAX_SIDE = 8192
-MAX_CHANNELS = 4096
 # Where the equivalence check's error was measured (see dynify.convert._check_equivalence).
 CHECK_PRECISIONS = ("float16", "bfloat16", "float32", "float64")
 

@@ -20,11 +20,28 @@ import torch.fx
 from torch import nn
 
 from dynify._opcount import OpCounts, OpRecorder
-from dynify.errors import DynifyError, shorten
+from dynify.errors import DynifyError, quoted, shorten
 from dynify.layers import DynamicConv2d
 from dynify.layers.conv_variants import conversion_kind, is_conv
 
-__all__ = ["ConvSite", "ModelTrace", "default_input_size", "trace_model"]
+__all__ = [
+    "MAX_CHANNELS",
+    "MAX_SIDE",
+    "ConvSite",
+    "ModelTrace",
+    "check_input_size",
+    "default_input_size",
+    "trace_model",
+]
+
+# The largest example image anything may ask for (a flag, a plan read from an artifact):
+# far above any timm model's input, far below what would exhaust memory (one image of
+# 3x100000x100000 is 120 GB before the model runs).
+MAX_SIDE = 8192
+MAX_CHANNELS = 4096
+INPUT_SIZE_ACCEPTED = (
+    f"three integers C,H,W with C from 1 to {MAX_CHANNELS} and H, W from 1 to {MAX_SIDE}"
+)
 
 FoundBy = Literal["fx", "hook"]
 
@@ -128,6 +145,28 @@ class ModelTrace:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+
+def check_input_size(value: Any, *, name: str = "input_size") -> tuple[int, int, int]:
+    """``value`` as ``(C, H, W)``: a sequence of three integers within :data:`MAX_CHANNELS`
+    and :data:`MAX_SIDE`, or the text ``"3,224,224"`` / ``"3x224x224"``; anything else is
+    one line naming ``name``. The one check every input size passes (flags, plans, calls)."""
+    parts = value.replace("x", ",").split(",") if isinstance(value, str) else value
+    try:
+        values = tuple(int(v) for v in parts) if isinstance(parts, list | tuple) else ()
+        exact = all(float(v) == int(v) for v in parts) if values else False
+    except (TypeError, ValueError):
+        values, exact = (), False
+    limits = (MAX_CHANNELS, MAX_SIDE, MAX_SIDE)
+    if (
+        len(values) != 3
+        or not exact
+        or any(not 1 <= v <= limit for v, limit in zip(values, limits, strict=True))
+    ):
+        raise DynifyError(
+            f"{name} must be {INPUT_SIZE_ACCEPTED}, got {quoted(value)}", arguments=(name,)
+        )
+    return values  # type: ignore[return-value]
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -482,10 +521,7 @@ def trace_model(
 
     The model is run once in eval mode under ``no_grad`` and left in the mode it was in.
     """
-    size = tuple(input_size) if input_size is not None else default_input_size(model)
-    if len(size) != 3 or any(int(v) <= 0 for v in size):
-        raise DynifyError(f"input size must be three positive integers C,H,W, got {size}")
-    size = tuple(int(v) for v in size)
+    size = check_input_size(input_size if input_size is not None else default_input_size(model))
     convs = [(n, m) for n, m in model.named_modules() if is_conv(m)]
     names = [n for n, _ in convs]
     fx_counts, fx_error = _fx_trace(model) if use_fx else ({}, "fx not used")

@@ -17,7 +17,7 @@ import dynify
 from dynify import cost
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
-from dynify.trace import default_input_size, trace_model
+from dynify.trace import check_input_size, default_input_size, trace_model
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -275,10 +275,27 @@ def test_site_round_trips_through_dict() -> None:
         t.site("nope")
 
 
-@pytest.mark.parametrize("size", [(3, 8), (3, 0, 8), (3, -1, 8)])
+@pytest.mark.parametrize(
+    "size", [(3, 8), (3, 0, 8), (3, -1, 8), (3, 8, 8.5), (5000, 8, 8), (3, 8193, 8), "3,8", None]
+)
 def test_bad_input_size(size) -> None:
-    with pytest.raises(DynifyError, match="three positive integers"):
+    if size is None:  # None is the model's own size for trace_model, not for the check
+        with pytest.raises(DynifyError, match=r"input_size must be three integers C,H,W"):
+            check_input_size(size)
+        return
+    with pytest.raises(DynifyError, match=r"input_size must be three integers C,H,W") as info:
         trace_model(Twice(), input_size=size)
+    assert info.value.arguments == ("input_size",)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("3,32,32", (3, 32, 32)), ("3x224x224", (3, 224, 224)), ([1, 8192, 2], (1, 8192, 2))],
+)
+def test_input_sizes_are_read_the_same_everywhere(value, expected) -> None:
+    from dynify.models import parse_input_size
+
+    assert check_input_size(value) == parse_input_size(value) == expected
 
 
 def test_model_that_fails_on_the_example_is_a_dynify_error() -> None:
