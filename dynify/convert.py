@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynify._modes import evaluating
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
 from dynify.layers.conv_variants import conversion_kind, effective_weight
@@ -380,23 +381,16 @@ def _output(model: nn.Module, example: torch.Tensor, *, precise: bool) -> Any:
     model is left as it was (mode, dtypes, the same Parameter objects)."""
     if not precise:
         with torch.no_grad():
-            return _in_eval(model, lambda: model(example))
+            with evaluating(model):
+                return model(example)
     dtypes = _floating_dtypes(model)
     try:
         model.to(torch.float64)
         with torch.no_grad():
-            return _in_eval(model, lambda: model(example.to(torch.float64)))
+            with evaluating(model):
+                return model(example.to(torch.float64))
     finally:
         _restore_dtypes(model, dtypes)
-
-
-def _in_eval(model: nn.Module, run: Any) -> Any:
-    was_training = model.training
-    model.eval()
-    try:
-        return run()
-    finally:
-        model.train(was_training)
 
 
 def _floating_dtypes(model: nn.Module) -> dict[tuple[int, str, str], torch.dtype]:

@@ -21,6 +21,7 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from dynify._opcount import CountedOp, OpCounts
+from dynify._table import format_table
 from dynify._yaml import Doc
 from dynify.errors import DynifyError, quoted, shorten
 from dynify.layers.attention import attention_hidden_width
@@ -161,8 +162,6 @@ class Plan:
 
     def table(self, *, only_converted: bool = False) -> str:
         """The plan as a fixed-width text table with totals."""
-        from dynify._table import format_table
-
         rows = []
         for lp in self.layers:
             if only_converted and not lp.convert:

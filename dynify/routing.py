@@ -37,6 +37,9 @@ import torch
 from timm.utils import unwrap_model
 from torch import nn
 
+from dynify._io import atomic_write_bytes
+from dynify._modes import evaluating
+from dynify._table import format_table
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
 
@@ -109,8 +112,6 @@ class RoutingReport:
         }
 
     def table(self) -> str:
-        from dynify._table import format_table
-
         logits = any(lr.logit_effect is not None for lr in self.layers)
         header = ["layer", "K", "usage (mean weight per expert)", "entropy", "sample spread",
                   "expert spread", "output effect"]  # fmt: skip
@@ -137,8 +138,6 @@ class RoutingReport:
         row per layer) beside each layer's routing effect and entropy."""
         # The object API, not pyplot: drawing a report must not change the process's backend.
         from matplotlib.figure import Figure
-
-        from dynify._io import atomic_write_bytes
 
         if not self.layers:
             raise DynifyError("the model has no dynamic layers: nothing to plot")
@@ -211,9 +210,7 @@ def routing_report(
     param = next(net.parameters())
     batches = _take(images, max_images, param.device, param.dtype)
     n = sum(b.shape[0] for b in batches)
-    modes = {m: m.training for m in net.modules()}  # restored one by one (frozen BN stays)
-    net.eval()
-    try:
+    with evaluating(net):  # each module's mode comes back as it was (frozen BN stays)
         # Pass 1: every layer's attention, and the model's output.
         seen: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
         hooks = [
@@ -251,9 +248,6 @@ def routing_report(
         if logit_effects:
             for name, layer in layers:
                 per_layer[name] = _frozen_effect(net, batches, reference, [(name, layer)], mean)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
     results = []
     for name, layer in layers:

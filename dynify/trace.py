@@ -19,6 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from dynify._modes import evaluating
 from dynify._opcount import OpCounts, OpRecorder
 from dynify.errors import DynifyError, quoted, shorten
 from dynify.layers import DynamicConv2d
@@ -387,10 +388,8 @@ def _observe(
         handles.append(modules[feature].register_forward_hook(feature_post(feature)))
 
     recorder = OpRecorder(model, (example,))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), recorder:
+        with torch.no_grad(), evaluating(model), recorder:
             seen.output = model(example)
     except Exception as err:
         message = str(err).splitlines()[0] if str(err) else ""
@@ -400,7 +399,6 @@ def _observe(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     seen.op_counts = recorder.counts()
     return seen
 
