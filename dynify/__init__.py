@@ -5,9 +5,13 @@ The data flow: timm model -> :func:`trace_model` (fx, shapes, positions) -> :fun
 -> optional fine-tune (temperature schedule) -> artifact (:func:`save` / :func:`load`);
 :func:`routing_report` measures whether the converted layers route.
 
-The public API is what this module exports; modules whose names start with an underscore
-are private. The names are imported on first use (PEP 562), so ``import dynify`` (and the
-command line's ``--help``) does not pay for importing torch and timm.
+The public API is what this module exports: the names below, and the subpackages
+:mod:`dynify.cost` (FLOPs/MACs, parameters, latency, budgets), :mod:`dynify.train`
+(fine-tuning), :mod:`dynify.search` (Optuna search under a budget), :mod:`dynify.logging`
+and :mod:`dynify.errors`. Modules whose names start with an underscore are private;
+docs/architecture.md says which module owns what. The names are imported on first use
+(PEP 562), so ``import dynify`` (and the command line's ``--help``) does not pay for
+importing torch and timm.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 from dynify._version import __version__
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these
+    from dynify import cost, errors, logging, search, train
     from dynify.artifact import load, save
-    from dynify.convert import apply, make_plan, plan_of
+    from dynify.convert import apply, make_plan
     from dynify.errors import DynifyError
     from dynify.layers import DynamicConv2d, KernelAttention
     from dynify.layers.dynamic_conv_same import DynamicConv2dSame
-    from dynify.plan import LayerPlan, Plan, resolve_plan
+    from dynify.plan import LayerPlan, Plan, plan_of, resolve_plan
     from dynify.recipe import LayerSettings, Recipe, load_recipe
     from dynify.routing import LayerRouting, RoutingReport, routing_report
     from dynify.schedule import TemperatureSchedule
@@ -48,26 +53,34 @@ __all__ = [
     "TemperatureScheduler",
     "__version__",
     "apply",
+    "cost",
+    "errors",
     "load",
     "load_recipe",
+    "logging",
     "make_plan",
     "plan_of",
     "resolve_plan",
     "routing_report",
     "save",
+    "search",
     "trace_model",
+    "train",
 ]
+
+# The public subpackages, imported on first use like the names.
+_SUBPACKAGES = frozenset({"cost", "errors", "logging", "search", "train"})
 
 # The module that defines each public name (the imports above, for run time).
 _SOURCES: dict[str, str] = {
     name: module
     for module, names in {
         "dynify.artifact": ("load", "save"),
-        "dynify.convert": ("apply", "make_plan", "plan_of"),
+        "dynify.convert": ("apply", "make_plan"),
         "dynify.errors": ("DynifyError",),
         "dynify.layers": ("DynamicConv2d", "KernelAttention"),
         "dynify.layers.dynamic_conv_same": ("DynamicConv2dSame",),
-        "dynify.plan": ("LayerPlan", "Plan", "resolve_plan"),
+        "dynify.plan": ("LayerPlan", "Plan", "plan_of", "resolve_plan"),
         "dynify.recipe": ("LayerSettings", "Recipe", "load_recipe"),
         "dynify.routing": ("LayerRouting", "RoutingReport", "routing_report"),
         "dynify.schedule": ("TemperatureSchedule",),
@@ -82,6 +95,8 @@ def __getattr__(name: str) -> Any:
     source = _SOURCES.get(name)
     if source is not None:
         value = getattr(importlib.import_module(source), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"{__name__}.{name}")
     elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
         # A public submodule (``dynify.artifact.read_info``): importing the package used to
         # import most of them, and code written against that keeps working.

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import dynify
-from dynify import artifact
 from dynify.artifact import FORMAT, read_info
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
@@ -207,7 +206,3 @@ def test_failing_save_leaves_nothing(converted: nn.Module, tmp_path: Path, monke
         dynify.save(converted, target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
-
-
-def test_artifact_module_exports() -> None:
-    assert artifact.save is dynify.save and artifact.load is dynify.load
