@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynify import _memory
 from dynify._io import atomic_path, write_error
+from dynify._memory import format_gib
 from dynify._version import __version__
-from dynify.convert import _gib, apply, available_memory, model_name_of
+from dynify.convert import apply, model_name_of
 from dynify.errors import DynifyError, did_you_mean, quoted, shorten
-from dynify.layers.conv_variants import conversion_kind
 from dynify.models import MAX_COUNT, check_model_name
 from dynify.plan import Plan, plan_of
 
@@ -256,7 +257,7 @@ def _json_field(
         reason = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
         raise DynifyError(
             f"{where}: damaged dynify metadata: {key!r} is not JSON ({reason})"
-        ) from None
+        ) from err
     if not isinstance(value, expected):
         raise DynifyError(
             f"{where}: damaged dynify metadata: {key!r} must be a JSON "
@@ -281,7 +282,7 @@ def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     try:
         header = _header_bytes(p)
     except OSError as err:
-        raise DynifyError(f"artifact {where}: cannot read it ({err.strerror or err})") from None
+        raise DynifyError(f"artifact {where}: cannot read it ({err.strerror or err})") from err
     if not 0 < header <= p.stat().st_size - 8:  # safetensors would refuse it too
         raise DynifyError(
             f"{where} is not a safetensors file (its header length does not fit the file); "
@@ -299,7 +300,7 @@ def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
         raise DynifyError(
             f"{where} is not a safetensors file ({type(err).__name__}); expected an "
             f"artifact written by 'dynify convert' or dynify.save"
-        ) from None
+        ) from err
     if meta.get("format") != FORMAT:
         raise DynifyError(
             f"{where} is not a dynify artifact (metadata format {meta.get('format')!r}, "
@@ -348,24 +349,11 @@ def _build(info: ArtifactInfo, plan: Plan, where: str, *, meta: bool) -> nn.Modu
             f"({type(err).__name__}: {shorten(str(err), 120) or 'no message'}); not this "
             "file's model (damaged or forged metadata)"
         ) from err
-    for i, layer in enumerate(plan.layers):
-        if not layer.convert:
-            continue
-        try:
-            module = model.get_submodule(layer.name)
-        except AttributeError:
-            module = None
-        reason = "no such module" if module is None else conversion_kind(module)[1]
-        if reason is not None:
-            raise DynifyError(
-                f"{where}: plan: layers[{i}].site.name: {quoted(layer.name)} is not a conv "
-                f"{name} can convert ({reason}); expected the name of one of its convs"
-            )
     try:
         with place:
             return apply(model, plan, inplace=True, check=False)
-    except DynifyError as err:
-        raise DynifyError(f"{where}: plan: {err}") from err
+    except DynifyError as err:  # the plan's own checks name the key ("plan: layers[3]...")
+        raise DynifyError(f"{where}: {err}") from err
     except (RuntimeError, ValueError, AssertionError, TypeError) as err:
         raise DynifyError(
             f"{where}: plan: its layers do not build on {name} ({type(err).__name__}: "
@@ -412,10 +400,11 @@ def _check_tensors(skeleton: nn.Module, info: ArtifactInfo, path: Path, where: s
         )
     tensors = {id(t): t for t in (*skeleton.parameters(), *skeleton.buffers())}.values()
     need = sum(t.numel() * t.element_size() for t in tensors)
-    available = available_memory(torch.device("cpu"))
+    available = _memory.available_memory(torch.device("cpu"))
     if available is not None and need > available:
         raise DynifyError(
-            f"{where}: the model takes {_gib(need)}; this machine has {_gib(available)} available"
+            f"{where}: the model takes {format_gib(need)}; this machine has "
+            f"{format_gib(available)} available"
         )
 
 
@@ -439,5 +428,5 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         raise DynifyError(
             f"{where}: weights do not fit {info['model_name']} as planned "
             f"({shorten(str(err), 300)})"
-        ) from None
+        ) from err
     return model.to(device)

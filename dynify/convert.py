@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynify import _memory
+from dynify._memory import format_gib
 from dynify._modes import evaluating
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, quoted
 from dynify.layers import DynamicConv2d
 from dynify.layers.conv_variants import conversion_kind, effective_weight
 from dynify.plan import LayerPlan, Plan, attach_plan, find_plan, plan_of, resolve_plan
@@ -28,7 +30,6 @@ from dynify.trace import ModelTrace, trace_model
 __all__ = [
     "EQUIVALENCE_TOLERANCE",
     "apply",
-    "available_memory",
     "build_layer",
     "check_memory",
     "conversion_kind",
@@ -141,69 +142,36 @@ def _put_back(model: nn.Module, swaps: list[Swap], *, original: bool) -> None:
             _set_module(model, name, old if original else new)
 
 
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 / 10 else f"{n_bytes / 2**20:,.0f} MiB"
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that new tensors on ``device`` can take without swapping, or ``None`` when this
-    cannot be told (then nothing is refused).
-
-    CPU: ``MemAvailable`` of /proc/meminfo (else ``os.sysconf``'s available pages), lowered
-    to what the cgroup's memory limit leaves (a container). CUDA: the device's free memory.
-    """
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except (RuntimeError, AssertionError):
-            return None
-    if device.type != "cpu":
-        return None
-    available: int | None = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    try:  # cgroup v2: the container's limit less what it already uses
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        if limit != "max":
-            used = int(open("/sys/fs/cgroup/memory.current").read().strip())
-            available = min(available, max(int(limit) - used, 0))
-    except (OSError, ValueError):
-        pass
-    return available
-
-
 def _planned_modules(model: nn.Module, plan: Plan) -> list[tuple[LayerPlan, nn.Module]]:
-    """Each converted layer of ``plan`` with the module it replaces, checked to be the conv
-    the plan describes (a plan read from a file is untrusted: its figures must be the
-    model's, since the memory check below prices them)."""
+    """Each converted layer of ``plan`` with the module it replaces, checked to be a conv
+    this model can convert and the very conv the plan describes (a plan read from a file
+    is untrusted: its figures must be the model's, since the memory check prices them).
+    Messages name the plan's key (``layers[3].site.name``), as a file's checks do."""
     found = []
-    for layer in plan.converted:
+    model_name = model_name_of(model) or type(model).__name__
+    for index, layer in enumerate(plan.layers):
+        if not layer.convert:
+            continue
         try:
             module = model.get_submodule(layer.name)
         except AttributeError:
+            module = None
+        reason = "no such module" if module is None else conversion_kind(module)[1]
+        if module is None or reason is not None:
             raise DynifyError(
-                f"plan layer {layer.name!r} does not exist in this model "
-                f"({type(model).__name__}); was the plan made for another model?"
-            ) from None
+                f"plan: layers[{index}].site.name: {quoted(layer.name)} is not a conv "
+                f"{model_name} can convert ({reason}); expected the name of one of its "
+                "convs; was the plan made for another model?"
+            )
         s = layer.site
-        if isinstance(module, nn.Conv2d) and (
-            (module.in_channels, module.out_channels, tuple(module.kernel_size), module.groups)
-            != (s.in_channels, s.out_channels, tuple(s.kernel_size), s.groups)
-            or (module.bias is not None) != s.bias
-        ):
+        if (module.in_channels, module.out_channels, tuple(module.kernel_size), module.groups) != (
+            s.in_channels,
+            s.out_channels,
+            tuple(s.kernel_size),
+            s.groups,
+        ) or (module.bias is not None) != s.bias:
             raise DynifyError(
-                f"plan layer {layer.name!r} is a {s.in_channels}->{s.out_channels} "
+                f"plan: layers[{index}]: {layer.name!r} is a {s.in_channels}->{s.out_channels} "
                 f"{s.kernel_size[0]}x{s.kernel_size[1]} conv (groups {s.groups}, bias "
                 f"{s.bias}) but the model's is {module.in_channels}->{module.out_channels} "
                 f"{module.kernel_size[0]}x{module.kernel_size[1]} (groups {module.groups}, "
@@ -237,16 +205,16 @@ def _check_memory(planned: list[tuple[LayerPlan, nn.Module]]) -> None:
         if n_bytes > largest.get(weight.device, (-1,))[0]:
             largest[weight.device] = (n_bytes, layer, module)
     for device, total in need.items():
-        available = available_memory(device)
+        available = _memory.available_memory(device)
         if available is None or total <= available:
             continue
         n_bytes, layer, module = largest[device]
         where = "this machine has" if device.type == "cpu" else f"{device} has"
         raise DynifyError(
-            f"the plan needs {_gib(total)} of parameters for its dynamic layers "
+            f"the plan needs {format_gib(total)} of parameters for its dynamic layers "
             f"({layer.name}: {layer.settings.experts:,} experts x "
-            f"{module.weight.numel():,} weights = {_gib(n_bytes)}); {where} {_gib(available)} "
-            f"available; lower 'experts' in the recipe"
+            f"{module.weight.numel():,} weights = {format_gib(n_bytes)}); {where} "
+            f"{format_gib(available)} available; lower 'experts' in the recipe"
         )
 
 

@@ -176,7 +176,7 @@ def create_model(
         raise DynifyError(
             f"model {name!r} does not accept these arguments {sorted(kwargs)} "
             f"({shorten(str(err), 160)})"
-        ) from None
+        ) from err
     except (OSError, RuntimeError, ValueError) as err:
         if not pretrained:
             raise
@@ -184,12 +184,12 @@ def create_model(
             raise DynifyError(
                 f"cannot get pretrained weights for {name!r}: {offline} is set (offline) and "
                 f"they are not in the hub cache; pass --checkpoint FILE instead"
-            ) from None
+            ) from err
         first_line = str(err).splitlines()[0] if str(err) else ""
         raise DynifyError(
             f"could not get pretrained weights for {name!r} ({type(err).__name__}: "
             f"{shorten(first_line, 160)}); offline, use --checkpoint FILE instead"
-        ) from None
+        ) from err
     if checkpoint is not None:
         load_checkpoint_into(model, checkpoint)
     return model
@@ -212,7 +212,7 @@ def load_checkpoint_into(model: nn.Module, path: str | os.PathLike[str]) -> None
         raise DynifyError(
             f"checkpoint {str(p)!r} could not be read ({type(err).__name__}); expected a "
             f"torch state_dict (.pth/.pt) or a .safetensors file"
-        ) from None
+        ) from err
     if isinstance(state, dict):
         for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
             if isinstance(state.get(key), dict):

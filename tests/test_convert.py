@@ -398,7 +398,9 @@ def test_apply_is_reproducible_by_seed(resnet18: nn.Module) -> None:
 def test_apply_with_a_plan_from_another_model_is_an_error(resnet18: nn.Module) -> None:
     plan = dynify.make_plan(resnet18, input_size=(3, 64, 64))
     other = timm.create_model("mobilenetv2_100")
-    with pytest.raises(DynifyError, match="does not exist in this model"):
+    with pytest.raises(
+        DynifyError, match="is not a conv mobilenetv2_100 can convert .*another model"
+    ):
         dynify.apply(other, plan)
 
 
@@ -573,17 +575,17 @@ def test_a_plan_that_cannot_fit_is_refused_fast(resnet18: nn.Module, monkeypatch
 
 
 def test_the_memory_check_compares_with_what_is_available(resnet18: nn.Module, monkeypatch) -> None:
-    from dynify import convert
+    from dynify import _memory, convert
 
     # Measured on this machine: at most its physical memory, and not nothing.
-    measured = convert.available_memory(torch.device("cpu"))
+    measured = _memory.available_memory(torch.device("cpu"))
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert measured is not None and 0 < measured <= physical
     plan = dynify.make_plan(resnet18, {"defaults": {"experts": 64}}, input_size=(3, 32, 32))
-    monkeypatch.setattr(convert, "available_memory", lambda device: 2**30)
+    monkeypatch.setattr(_memory, "available_memory", lambda device: 2**30)
     with pytest.raises(DynifyError, match=r"needs 2.7 GiB .* this machine has 1.0 GiB available"):
         dynify.apply(resnet18, plan)
-    monkeypatch.setattr(convert, "available_memory", lambda device: None)  # unknown: allowed
+    monkeypatch.setattr(_memory, "available_memory", lambda device: None)  # unknown: allowed
     convert.check_memory(resnet18, plan)
 
 

@@ -526,10 +526,10 @@ def test_a_tagged_model_name_is_refused(good: Path, tmp_path: Path, name: str, c
 
 
 def test_a_model_bigger_than_the_memory_is_refused_before_building(good: Path, monkeypatch) -> None:
-    from dynify import convert
+    from dynify import _memory
 
     monkeypatch.setattr(
-        convert, "available_memory", lambda device: 2**20 if device.type == "cpu" else None
+        _memory, "available_memory", lambda device: 2**20 if device.type == "cpu" else None
     )
     built_on: list[str] = []
     real = timm.create_model
