@@ -14,6 +14,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from dynify.errors import DynifyError
+
 __all__ = ["SCHEDULE_SHAPES", "SCHEDULE_UNITS", "TemperatureSchedule"]
 
 ScheduleShape = Literal["linear", "cosine", "exponential", "constant"]
@@ -38,13 +40,13 @@ class TemperatureSchedule:
 
     def __post_init__(self) -> None:
         if not (self.start > 0 and self.end > 0):
-            raise ValueError(f"temperatures must be > 0, got start={self.start}, end={self.end}")
+            raise DynifyError(f"temperatures must be > 0, got start={self.start}, end={self.end}")
         if self.length < 0:
-            raise ValueError(f"length must be >= 0, got {self.length}")
+            raise DynifyError(f"length must be >= 0, got {self.length}")
         if self.shape not in SCHEDULE_SHAPES:
-            raise ValueError(f"shape must be one of {SCHEDULE_SHAPES}, got {self.shape!r}")
+            raise DynifyError(f"shape must be one of {SCHEDULE_SHAPES}, got {self.shape!r}")
         if self.unit not in SCHEDULE_UNITS:
-            raise ValueError(f"unit must be one of {SCHEDULE_UNITS}, got {self.unit!r}")
+            raise DynifyError(f"unit must be one of {SCHEDULE_UNITS}, got {self.unit!r}")
 
     @classmethod
     def constant(cls, value: float) -> TemperatureSchedule:

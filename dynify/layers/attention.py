@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynify.errors import DynifyError
+
 __all__ = ["ATTENTION_KINDS", "AttentionKind", "KernelAttention", "attention_hidden_width"]
 
 AttentionKind = Literal["softmax", "sigmoid"]
@@ -56,9 +58,9 @@ class KernelAttention(nn.Module):
     ) -> None:
         super().__init__()
         if kind not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
+            raise DynifyError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
         if float(temperature) <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise DynifyError(f"temperature must be > 0, got {temperature}")
         factory = {"device": device, "dtype": dtype}
         self.kind = kind
         self.num_experts = num_experts

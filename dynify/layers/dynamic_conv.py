@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
 
+from dynify.errors import DynifyError, DynifyTypeError
 from dynify.layers._functional import DEFAULT_MAX_KERNEL_BYTES, dynamic_conv2d
 from dynify.layers.attention import (
     ATTENTION_KINDS,
@@ -101,15 +102,15 @@ class DynamicConv2d(nn.Module):
         _check_positive("num_experts", num_experts)
         _check_positive("reduction", reduction)
         if in_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+            raise DynifyError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if out_channels % groups:
-            raise ValueError(
+            raise DynifyError(
                 f"out_channels ({out_channels}) must be divisible by groups ({groups})"
             )
         if attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+            raise DynifyError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+            raise DynifyError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -152,15 +153,15 @@ class DynamicConv2d(nn.Module):
     def _parse_padding(self, padding: _IntOrPair | str) -> tuple[int, int] | str:
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
-                raise ValueError(
+                raise DynifyError(
                     f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}"
                 )
             if padding == "same" and any(s != 1 for s in self.stride):
-                raise ValueError("padding='same' is not supported for strided convolutions")
+                raise DynifyError("padding='same' is not supported for strided convolutions")
             return padding if padding == "same" else (0, 0)
         pad = _pair(padding)
         if any(p < 0 for p in pad):
-            raise ValueError(f"padding must be >= 0, got {padding}")
+            raise DynifyError(f"padding must be >= 0, got {padding}")
         return pad
 
     def _pre_padding(self) -> tuple[int, ...] | None:
@@ -257,25 +258,25 @@ class DynamicConv2d(nn.Module):
             generator: random generator for every random draw (reproducible conversions).
         """
         if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+            raise DynifyTypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
         if init not in EXPERT_INITS:
-            raise ValueError(f"init must be one of {EXPERT_INITS}, got {init!r}")
+            raise DynifyError(f"init must be one of {EXPERT_INITS}, got {init!r}")
         if weight is None and init != "scratch" and type(conv).forward is not nn.Conv2d.forward:
-            raise TypeError(
+            raise DynifyTypeError(
                 f"{type(conv).__name__} overrides Conv2d.forward, so its kernel or padding is not "
                 "what conv.weight says; pass the effective weight= (or use dynify.apply, which "
                 "handles timm's conv variants)"
             )
         if noise is not None and init != "perturb" and noise != 0:
-            raise ValueError(
+            raise DynifyError(
                 f"noise applies to init='perturb' only, got noise={noise} with {init!r}"
             )
         if noise is None:
             noise = DEFAULT_NOISE if init == "perturb" else 0.0
         if noise < 0:
-            raise ValueError(f"noise must be >= 0, got {noise}")
+            raise DynifyError(f"noise must be >= 0, got {noise}")
         if not (math.isfinite(routing_std) and routing_std >= 0):
-            raise ValueError(f"routing_std must be a finite number >= 0, got {routing_std}")
+            raise DynifyError(f"routing_std must be a finite number >= 0, got {routing_std}")
         source = conv.weight if weight is None else weight
         # Built on the meta device and then given real storage: the experts are written
         # below, so a default initialisation of K kernels would be wasted work.
@@ -328,7 +329,7 @@ class DynamicConv2d(nn.Module):
     @temperature.setter
     def temperature(self, value: float) -> None:
         if float(value) <= 0:
-            raise ValueError(f"temperature must be > 0, got {value}")
+            raise DynifyError(f"temperature must be > 0, got {value}")
         self.attention.temperature.fill_(float(value))
 
     # -- forward ----------------------------------------------------------------------
@@ -421,4 +422,4 @@ torch.fx.wrap("_keep_layout")
 
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise DynifyError(f"{name} must be a positive integer, got {value!r}")

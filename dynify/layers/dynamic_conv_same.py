@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from timm.layers.padding import pad_same
 
+from dynify.errors import DynifyError
 from dynify.layers.dynamic_conv import DynamicConv2d
 
 __all__ = ["DynamicConv2dSame"]
@@ -21,7 +22,7 @@ class DynamicConv2dSame(DynamicConv2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.padding != (0, 0) or self.padding_mode != "zeros":
-            raise ValueError("DynamicConv2dSame computes its padding: pass padding=0, 'zeros'")
+            raise DynifyError("DynamicConv2dSame computes its padding: pass padding=0, 'zeros'")
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         return pad_same(x, self.kernel_size, self.stride, self.dilation)
