@@ -59,9 +59,9 @@ from typing import Any
 
 import yaml
 
-from dynify._resources import bundled_names, find_bundled
+from dynify._resources import locate
 from dynify._yaml import Doc, load_yaml_file
-from dynify.errors import DynifyError, did_you_mean
+from dynify.errors import DynifyError
 from dynify.layers.attention import ATTENTION_KINDS
 from dynify.layers.dynamic_conv import EXPERT_INITS
 from dynify.schedule import SCHEDULE_SHAPES, SCHEDULE_UNITS, TemperatureSchedule
@@ -301,12 +301,9 @@ class Recipe:
                 matched.append(i)
         if settings.temperature is None:  # the init's default, made explicit in the plan
             settings = replace(settings, temperature=settings.schedule)
-        if settings.convert and settings.noise and settings.init != "perturb":
-            raise DynifyError(
-                f"{self.source or 'recipe'}: {site.name}: noise {settings.noise:g} applies to "
-                f"init: perturb only, and this conv resolves to init: {settings.init}; remove "
-                "the noise or set init: perturb in the same rule"
-            )
+        if settings.convert:
+            where = f"{self.source or 'recipe'}: {site.name}"
+            _check_noise(where, settings.noise, settings.init, "this conv resolves to")
         return settings, matched
 
     # -- (de)serialisation ------------------------------------------------------------
@@ -344,21 +341,7 @@ def load_recipe(recipe: Recipe | dict[str, Any] | str | os.PathLike[str] | None)
         return recipe
     if isinstance(recipe, dict):
         return Recipe.from_dict(recipe)
-    if not isinstance(recipe, str | os.PathLike):
-        raise DynifyError(
-            f"recipe must be a path, a bundled recipe's name, a dict or a Recipe, "
-            f"got {type(recipe).__name__}"
-        )
-    path = Path(recipe)
-    if not path.exists():
-        bundled = find_bundled("recipes", str(recipe))
-        if bundled is None:
-            names = bundled_names("recipes")
-            raise DynifyError(
-                f"recipe {str(recipe)!r} is neither a file nor a bundled recipe"
-                f"{did_you_mean(path.stem, names)}; bundled recipes: {', '.join(names)}"
-            )
-        path = bundled
+    path = locate("recipes", recipe, also=("a dict", "a Recipe"))
     return parse_recipe(load_yaml_file(path))
 
 
@@ -374,7 +357,7 @@ def parse_recipe(doc: Doc) -> Recipe:
     if "version" in top and top["version"] != 1:
         raise doc.error("version", f"unsupported recipe version {top['version']!r}; accepted: 1")
     defaults = LayerSettings(**_settings(doc, top.get("defaults"), "defaults", SETTING_KEYS))
-    _check_noise(doc, "defaults", defaults.noise, defaults.init)
+    _check_noise(doc.where("defaults.noise"), defaults.noise, defaults.init)
     raw_rules = top.get("rules") or []
     if not isinstance(raw_rules, list):
         raise doc.error("rules", f"expected a list of rules, got {raw_rules!r}")
@@ -388,7 +371,7 @@ def parse_recipe(doc: Doc) -> Recipe:
         if not settings:
             raise doc.error(path, f"a rule must set at least one of: {', '.join(SETTING_KEYS)}")
         if "init" in settings:  # otherwise checked per layer once the rules are resolved
-            _check_noise(doc, path, settings.get("noise"), settings["init"])
+            _check_noise(doc.where(f"{path}.noise"), settings.get("noise"), settings["init"])
         name = doc.string(entry["name"], f"{path}.name") if "name" in entry else None
         rules.append(
             Rule(
@@ -432,16 +415,17 @@ def parse_settings(doc: Doc, raw: Any, path: str) -> LayerSettings:
         values["init"] = "perturb"  # a plan saved before inits existed: built that way
     settings = LayerSettings(**values)
     if settings.convert:
-        _check_noise(doc, path, settings.noise, settings.init)
+        _check_noise(doc.where(f"{path}.noise"), settings.noise, settings.init)
     return settings
 
 
-def _check_noise(doc: Doc, path: str, noise: float | None, init: str) -> None:
+def _check_noise(where: str, noise: float | None, init: str, subject: str = "this is") -> None:
+    """The one rule on ``noise``, for a recipe's fields and for a conv's resolved settings:
+    only the ``perturb`` init adds it (the others would silently ignore it)."""
     if noise is not None and noise != 0 and init != "perturb":
-        raise doc.error(
-            f"{path}.noise",
-            f"noise applies to init: perturb only (this is init: {init}, whose experts start "
-            "as exact copies); remove it, or set init: perturb",
+        raise DynifyError(
+            f"{where}: noise applies to init: perturb only, and {subject} init: {init}; "
+            "remove the noise, or set init: perturb with it"
         )
 
 

@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dynify._resources import bundled_names, find_bundled
+from dynify._resources import locate
 from dynify._yaml import Doc, load_yaml_file
-from dynify.errors import DynifyError, did_you_mean
 from dynify.layers.attention import ATTENTION_KINDS
 from dynify.plan import LayerPlan, Plan
 from dynify.recipe import Recipe, parse_recipe
@@ -147,17 +146,7 @@ def load_space(space: SearchSpace | str | os.PathLike[str] | None) -> SearchSpac
     ``default``)."""
     if isinstance(space, SearchSpace):
         return space
-    name = DEFAULT_SPACE if space is None else space
-    path = Path(name)
-    if not path.exists():
-        bundled = find_bundled("search", str(name))
-        if bundled is None:
-            names = bundled_names("search")
-            raise DynifyError(
-                f"search space {str(name)!r} is neither a file nor a bundled space"
-                f"{did_you_mean(path.stem, names)}; bundled spaces: {', '.join(names)}"
-            )
-        path = bundled
+    path = locate("search", DEFAULT_SPACE if space is None else space, also=("a SearchSpace",))
     return parse_space(load_yaml_file(path))
 
 
