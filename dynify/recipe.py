@@ -71,7 +71,7 @@ import yaml
 
 from dynify._resources import locate
 from dynify._yaml import Doc, load_yaml_file
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, quoted
 from dynify.layers.attention import ATTENTION_KINDS
 from dynify.layers.dynamic_conv import EXPERT_INITS
 from dynify.schedule import SCHEDULE_SHAPES, SCHEDULE_UNITS, TemperatureSchedule
@@ -526,12 +526,13 @@ def parse_recipe(doc: Doc) -> Recipe:
         raise doc.error("", "the recipe is empty; expected a mapping with 'defaults' and 'rules'")
     top = doc.mapping(data, "", TOP_KEYS)
     if "version" in top and top["version"] != 1:
-        raise doc.error("version", f"unsupported recipe version {top['version']!r}; accepted: 1")
+        version = quoted(top["version"])
+        raise doc.error("version", f"unsupported recipe version {version}; accepted: 1")
     defaults = LayerSettings(**_settings(doc, top.get("defaults"), "defaults", SETTING_KEYS))
     _check_noise(doc.where("defaults.noise"), defaults.noise, defaults.init)
     raw_rules = top.get("rules") or []
     if not isinstance(raw_rules, list):
-        raise doc.error("rules", f"expected a list of rules, got {raw_rules!r}")
+        raise doc.error("rules", f"expected a list of rules, got {quoted(raw_rules)}")
     rules = []
     for i, raw in enumerate(raw_rules):
         path = f"rules[{i}]"
@@ -635,7 +636,8 @@ def _selector(doc: Doc, raw: Any, path: str) -> Selector:
             try:
                 re.compile(pattern)
             except re.error as err:
-                raise doc.error(sub, f"invalid regular expression {pattern!r}: {err}") from None
+                message = f"invalid regular expression {quoted(pattern)}: {err}"
+                raise doc.error(sub, message) from None
             kw[key] = pattern
         elif key == "type":
             kw[key] = doc.one_or_list(value, sub, lambda v, p: doc.choice(v, p, CONV_TYPES))

@@ -804,3 +804,31 @@ def test_noise_that_resolves_onto_another_init_names_the_conv() -> None:
         "init: upcycle; remove the noise, or set init: perturb with it"
     )
     assert resolve_plan(TRACE, RecipeBuilder().set_stage(1, noise=0.1, init="perturb").build())
+
+
+def test_the_readmes_builder_example_is_its_yaml_example() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Recipes") :]
+    section = section[: section.index("\n## ", 1)]
+    yaml_block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    python_block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert yaml_block and python_block and "Recipe.builder(" in python_block.group(1)
+    # Run the example up to the recipe (converting resnet50 is test_docs' kind of check).
+    code = python_block.group(1).split("\nmodel = ")[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["recipe"] == load_recipe(yaml.safe_load(yaml_block.group(1)))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "version: '" + "9" * 100_000 + "'\n",
+        "rules: '" + "r" * 100_000 + "'\n",
+        "rules:\n  - {select: {regex: '(" + "a" * 100_000 + "'}, experts: 2}\n",
+    ],
+    ids=["version", "rules", "regex"],
+)
+def test_a_recipe_error_quotes_a_huge_top_level_value_short(tmp_path: Path, text: str) -> None:
+    msg = error_of(tmp_path, text)
+    assert len(msg) < len(str(tmp_path)) + 400, len(msg)
