@@ -596,7 +596,7 @@ def _check_noise(where: str, noise: float | None, init: str, subject: str = "thi
     only the ``perturb`` init adds it (the others would silently ignore it)."""
     if noise is not None and noise != 0 and init != "perturb":
         raise DynifyError(
-            f"{where}: noise applies to init: perturb only, and {subject} init: {init}; "
+            f"{where}: noise {noise:g} applies to init: perturb only, and {subject} init: {init}; "
             "remove the noise, or set init: perturb with it"
         )
 

@@ -222,7 +222,7 @@ def test_each_init_gets_its_temperature_default(init: str, expected: Temperature
 
 
 def test_noise_outside_the_perturb_init_is_one_clear_error() -> None:
-    with pytest.raises(DynifyError, match=r"defaults\.noise: noise applies to init: perturb"):
+    with pytest.raises(DynifyError, match=r"defaults\.noise: noise 0\.01 applies to init: perturb"):
         load_recipe({"defaults": {"noise": 0.01}})
     with pytest.raises(DynifyError, match=r"rules\[0\]\.noise: .*init: scratch"):
         load_recipe({"rules": [{"select": {"stem": True}, "init": "scratch", "noise": 0.1}]})
@@ -745,7 +745,7 @@ MISTAKES = [
     ("defaults:\n  attention: softmaxx\n", lambda b: b.set_defaults(attention="softmaxx"),
      "did you mean 'softmax'"),
     ("defaults:\n  noise: 0.1\n", lambda b: b.set_defaults(noise=0.1),
-     "noise applies to init: perturb only"),
+     "noise 0.1 applies to init: perturb only"),
     ("defaults:\n  temperature: {shape: cosin}\n",
      lambda b: b.set_defaults(temperature={"shape": "cosin"}), "did you mean 'cosine'"),
     ("rules:\n  - select: {kernal_size: 1}\n    experts: 8\n",
@@ -800,7 +800,7 @@ def test_noise_that_resolves_onto_another_init_names_the_conv() -> None:
     with pytest.raises(DynifyError) as err:
         resolve_plan(TRACE, recipe)
     assert str(err.value) == (
-        "recipe: s1.0.pw: noise applies to init: perturb only, and this conv resolves to "
+        "recipe: s1.0.pw: noise 0.1 applies to init: perturb only, and this conv resolves to "
         "init: upcycle; remove the noise, or set init: perturb with it"
     )
     assert resolve_plan(TRACE, RecipeBuilder().set_stage(1, noise=0.1, init="perturb").build())
