@@ -375,9 +375,9 @@ BUILDER_SOURCE = "<RecipeBuilder>"
 
 def _yaml_form(value: Any) -> Any:
     """``value`` as YAML would hold it: a tuple is a list (what ``(2, 3)`` means in Python),
-    a Selector its mapping; copied, so a caller's later change to a dict it passed changes
-    nothing here. Everything else is left for the recipe validation to judge."""
-    if isinstance(value, Selector):
+    a Selector or a TemperatureSchedule its mapping; copied, so a caller's later change to a
+    dict it passed changes nothing here. The rest is left for the recipe validation."""
+    if isinstance(value, Selector | TemperatureSchedule):
         return value.to_dict()
     if isinstance(value, dict):
         return {k: _yaml_form(v) for k, v in value.items()}

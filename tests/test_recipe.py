@@ -725,8 +725,9 @@ def test_the_builder_takes_python_spellings_and_copies_what_it_is_given() -> Non
     by_dict = RecipeBuilder().add_rule({"kernel_size": 1, "stage": -1}, experts=2)
     assert by_selector.build() == by_dict.build()
     schedule = TemperatureSchedule(start=10, end=1, length=3)
-    timed = RecipeBuilder().set_defaults(temperature=schedule).build()
-    assert timed.defaults.temperature == schedule
+    timed = RecipeBuilder().set_defaults(temperature=schedule)
+    assert timed.build().defaults.temperature == schedule
+    assert yaml.safe_load(yaml.safe_dump(timed.to_dict())) == timed.to_dict()  # plain data
     select = {"name": ["s1.*"]}
     builder = RecipeBuilder().add_rule(select, experts=2)
     select["name"].append("zzz")  # a later change to the caller's dict changes nothing
