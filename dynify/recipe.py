@@ -46,6 +46,16 @@ path), ``type`` (conv class: Conv2d, Conv2dSame, StdConv2d, ...), ``kernel_size`
 ``stage`` (timm ``feature_info`` level or list; negative counts from the last), ``block``
 (glob on the enclosing block's path), ``first_in_block`` / ``last_in_block`` (bool),
 ``classifier`` (bool).
+
+The same recipe in Python, validated the same way (:class:`RecipeBuilder`)::
+
+    recipe = (
+        Recipe.builder()
+        .set_defaults(experts=4, reduction=4)
+        .set_stem(True, convert=False, name="keep the stem static")
+        .add_rule({"kernel_size": 1, "last_in_block": True}, experts=8)
+        .build()
+    )
 """
 
 from __future__ import annotations
@@ -59,9 +69,9 @@ from typing import Any
 
 import yaml
 
-from dynify._resources import bundled_names, find_bundled
+from dynify._resources import locate
 from dynify._yaml import Doc, load_yaml_file
-from dynify.errors import DynifyError, did_you_mean
+from dynify.errors import DynifyError, quoted
 from dynify.layers.attention import ATTENTION_KINDS
 from dynify.layers.dynamic_conv import EXPERT_INITS
 from dynify.schedule import SCHEDULE_SHAPES, SCHEDULE_UNITS, TemperatureSchedule
@@ -72,6 +82,7 @@ __all__ = [
     "DEFAULT_RECIPE",
     "LayerSettings",
     "Recipe",
+    "RecipeBuilder",
     "Rule",
     "Selector",
     "load_recipe",
@@ -256,7 +267,8 @@ class Rule:
     select: Selector = field(default_factory=Selector)
     settings: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
-    line: int | None = None
+    # Where the rule was read from: for messages, not part of what the rule is.
+    line: int | None = field(default=None, compare=False)
 
     def describe(self, index: int) -> str:
         label = f"rule {index + 1}"
@@ -278,13 +290,23 @@ class Rule:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Defaults plus ordered rules; see the module documentation for the format."""
+    """Defaults plus ordered rules; see the module documentation for the format, and
+    :meth:`builder` to write one in Python.
+
+    Two recipes are equal when they say the same: defaults, rules (names included), strict
+    and description; where they were read from (``source``, a rule's ``line``) is left out.
+    """
 
     defaults: LayerSettings = field(default_factory=LayerSettings)
     rules: tuple[Rule, ...] = ()
     strict: bool = False
     description: str | None = None
-    source: str | None = None
+    source: str | None = field(default=None, compare=False)
+
+    @staticmethod
+    def builder(*, description: str | None = None, strict: bool = False) -> RecipeBuilder:
+        """A :class:`RecipeBuilder`: ``Recipe.builder().set_defaults(experts=8).build()``."""
+        return RecipeBuilder(description=description, strict=strict)
 
     @property
     def label(self) -> str:
@@ -301,12 +323,9 @@ class Recipe:
                 matched.append(i)
         if settings.temperature is None:  # the init's default, made explicit in the plan
             settings = replace(settings, temperature=settings.schedule)
-        if settings.convert and settings.noise and settings.init != "perturb":
-            raise DynifyError(
-                f"{self.source or 'recipe'}: {site.name}: noise {settings.noise:g} applies to "
-                f"init: perturb only, and this conv resolves to init: {settings.init}; remove "
-                "the noise or set init: perturb in the same rule"
-            )
+        if settings.convert:
+            where = f"{self.source or 'recipe'}: {site.name}"
+            _check_noise(where, settings.noise, settings.init, "this conv resolves to")
         return settings, matched
 
     # -- (de)serialisation ------------------------------------------------------------
@@ -344,22 +363,157 @@ def load_recipe(recipe: Recipe | dict[str, Any] | str | os.PathLike[str] | None)
         return recipe
     if isinstance(recipe, dict):
         return Recipe.from_dict(recipe)
-    if not isinstance(recipe, str | os.PathLike):
-        raise DynifyError(
-            f"recipe must be a path, a bundled recipe's name, a dict or a Recipe, "
-            f"got {type(recipe).__name__}"
-        )
-    path = Path(recipe)
-    if not path.exists():
-        bundled = find_bundled("recipes", str(recipe))
-        if bundled is None:
-            names = bundled_names("recipes")
-            raise DynifyError(
-                f"recipe {str(recipe)!r} is neither a file nor a bundled recipe"
-                f"{did_you_mean(path.stem, names)}; bundled recipes: {', '.join(names)}"
-            )
-        path = bundled
+    path = locate("recipes", recipe, also=("a dict", "a Recipe"))
     return parse_recipe(load_yaml_file(path))
+
+
+# -- building a recipe in Python ----------------------------------------------------------
+
+# What a builder's messages name as their source (as a file's name its path).
+BUILDER_SOURCE = "<RecipeBuilder>"
+
+
+def _yaml_form(value: Any) -> Any:
+    """``value`` as YAML would hold it: a tuple is a list (what ``(2, 3)`` means in Python),
+    a Selector or a TemperatureSchedule its mapping; copied, so a caller's later change to a
+    dict it passed changes nothing here. The rest is left for the recipe validation."""
+    if isinstance(value, Selector | TemperatureSchedule):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _yaml_form(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_yaml_form(v) for v in value]
+    return value
+
+
+def _select_by(key: str) -> Any:
+    """The builder method ``set_<key>``: one rule selecting on ``key`` alone."""
+
+    def method(
+        self: RecipeBuilder, value: Any, /, *, name: str | None = None, **settings: Any
+    ) -> RecipeBuilder:
+        return self.add_rule({key: value}, name=name, **settings)
+
+    method.__name__ = f"set_{key}"
+    method.__qualname__ = f"RecipeBuilder.set_{key}"
+    method.__doc__ = (
+        f"Add a rule setting ``settings`` on the convs that ``select: {{{key}: value}}`` "
+        f"matches; the same as ``add_rule({{{key!r}: value}}, name=name, **settings)``."
+    )
+    return method
+
+
+class RecipeBuilder:
+    """A :class:`Recipe` written in Python, call by call, as torch.ao's ``QConfigMapping``
+    is (``QConfigMapping().set_global(q).set_module_name(n, q2)``)::
+
+        recipe = (
+            Recipe.builder(description="DY-CNN, more experts late")
+            .set_defaults(experts=4, reduction=4)
+            .set_stem(True, convert=False, name="stem stays static")
+            .set_stage(-1, experts=8)
+            .add_rule({"kernel_size": 1, "last_in_block": True}, reduction=8)
+            .set_name("layer4.1.*", convert=False)
+            .build()
+        )
+        model = dynify.apply(model, recipe)
+
+    It is the YAML format spelled as calls: :meth:`set_defaults` is ``defaults``; each
+    :meth:`add_rule` is one entry of ``rules`` (``select`` a mapping of the selector keys,
+    ``name`` the rule's label, the settings as keywords); ``set_<key>(value, ...)`` is a
+    rule with the single selector ``key`` (:meth:`set_name`, :meth:`set_regex`,
+    :meth:`set_type`, :meth:`set_kernel_size`, :meth:`set_stride`, :meth:`set_dilation`,
+    :meth:`set_groups`, :meth:`set_depthwise`, :meth:`set_in_channels`,
+    :meth:`set_out_channels`, :meth:`set_stem`, :meth:`set_stage`, :meth:`set_block`,
+    :meth:`set_first_in_block`, :meth:`set_last_in_block`, :meth:`set_classifier`). Values
+    are the YAML's: a tuple or list for a list, ``{"min": 64}`` for a channel range.
+
+    Priority is the file's: every conv starts from the defaults, then each rule that
+    matches it applies in the order the rules were added, overriding only the fields it
+    sets, so for each field the last matching rule wins. Add general rules first and
+    specific ones (a single layer by name) last. :meth:`set_defaults` called again updates
+    the fields it names.
+
+    Each call builds the dict a recipe file parses to and validates the whole of it as a
+    file is (:func:`parse_recipe`), so a mistake raises at the call that made it, with the
+    file's one-line message, ``<RecipeBuilder>`` in place of the file name and ``rules[i]``
+    the i-th rule added from 0 (``<RecipeBuilder>: rules[2].select.kernal_size: unknown key
+    (did you mean 'kernel_size'?); accepted keys: ...``); a call that fails changes
+    nothing. :meth:`build` returns the Recipe; ``recipe.to_yaml()`` writes it as a file
+    that loads to an equal Recipe.
+    """
+
+    def __init__(self, *, description: str | None = None, strict: bool = False) -> None:
+        data: dict[str, Any] = {"version": 1, "defaults": {}, "rules": [], "strict": strict}
+        if description is not None:
+            data["description"] = description
+        self._data: dict[str, Any] = {}
+        self._commit(data)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe | dict[str, Any] | str | os.PathLike[str]) -> RecipeBuilder:
+        """A builder that starts as ``recipe`` (anything :func:`load_recipe` takes: a bundled
+        recipe's name, a path, ...); rules added go after its own, so they win."""
+        return cls()._commit(load_recipe(recipe).to_dict())
+
+    def set_defaults(self, **settings: Any) -> RecipeBuilder:
+        """Set fields of ``defaults`` (``experts``, ``reduction``, ``attention``, ``init``,
+        ``routing_std``, ``noise``, ``temperature``, ``convert``), keeping the others."""
+        data = self.to_dict()
+        data["defaults"].update(_yaml_form(settings))
+        return self._commit(data)
+
+    def add_rule(
+        self,
+        select: dict[str, Any] | Selector | None = None,
+        *,
+        name: str | None = None,
+        **settings: Any,
+    ) -> RecipeBuilder:
+        """Add a rule: the convs that ``select`` matches (all its conditions; ``None`` or
+        ``{}`` matches every conv) get ``settings``; ``name`` labels it in plans."""
+        rule: dict[str, Any] = {}
+        if name is not None:
+            rule["name"] = name
+        if select is not None:
+            rule["select"] = _yaml_form(select)
+        rule.update(_yaml_form(settings))
+        data = self.to_dict()
+        data["rules"].append(rule)
+        return self._commit(data)
+
+    set_name = _select_by("name")
+    set_regex = _select_by("regex")
+    set_type = _select_by("type")
+    set_kernel_size = _select_by("kernel_size")
+    set_stride = _select_by("stride")
+    set_dilation = _select_by("dilation")
+    set_groups = _select_by("groups")
+    set_depthwise = _select_by("depthwise")
+    set_in_channels = _select_by("in_channels")
+    set_out_channels = _select_by("out_channels")
+    set_stem = _select_by("stem")
+    set_stage = _select_by("stage")
+    set_block = _select_by("block")
+    set_first_in_block = _select_by("first_in_block")
+    set_last_in_block = _select_by("last_in_block")
+    set_classifier = _select_by("classifier")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe so far, as the dict a YAML file would parse to (a copy)."""
+        return _yaml_form(self._data)
+
+    def build(self) -> Recipe:
+        """The Recipe so far (the builder can go on; a later call changes no built Recipe)."""
+        return parse_recipe(Doc(self.to_dict(), BUILDER_SOURCE, {}))
+
+    def __repr__(self) -> str:
+        return f"RecipeBuilder({len(self._data['rules'])} rules)"
+
+    def _commit(self, data: dict[str, Any]) -> RecipeBuilder:
+        parse_recipe(Doc(data, BUILDER_SOURCE, {}))  # raises, leaving self._data as it was
+        self._data = data
+        return self
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -372,12 +526,13 @@ def parse_recipe(doc: Doc) -> Recipe:
         raise doc.error("", "the recipe is empty; expected a mapping with 'defaults' and 'rules'")
     top = doc.mapping(data, "", TOP_KEYS)
     if "version" in top and top["version"] != 1:
-        raise doc.error("version", f"unsupported recipe version {top['version']!r}; accepted: 1")
+        version = quoted(top["version"])
+        raise doc.error("version", f"unsupported recipe version {version}; accepted: 1")
     defaults = LayerSettings(**_settings(doc, top.get("defaults"), "defaults", SETTING_KEYS))
-    _check_noise(doc, "defaults", defaults.noise, defaults.init)
+    _check_noise(doc.where("defaults.noise"), defaults.noise, defaults.init)
     raw_rules = top.get("rules") or []
     if not isinstance(raw_rules, list):
-        raise doc.error("rules", f"expected a list of rules, got {raw_rules!r}")
+        raise doc.error("rules", f"expected a list of rules, got {quoted(raw_rules)}")
     rules = []
     for i, raw in enumerate(raw_rules):
         path = f"rules[{i}]"
@@ -388,7 +543,7 @@ def parse_recipe(doc: Doc) -> Recipe:
         if not settings:
             raise doc.error(path, f"a rule must set at least one of: {', '.join(SETTING_KEYS)}")
         if "init" in settings:  # otherwise checked per layer once the rules are resolved
-            _check_noise(doc, path, settings.get("noise"), settings["init"])
+            _check_noise(doc.where(f"{path}.noise"), settings.get("noise"), settings["init"])
         name = doc.string(entry["name"], f"{path}.name") if "name" in entry else None
         rules.append(
             Rule(
@@ -432,16 +587,17 @@ def parse_settings(doc: Doc, raw: Any, path: str) -> LayerSettings:
         values["init"] = "perturb"  # a plan saved before inits existed: built that way
     settings = LayerSettings(**values)
     if settings.convert:
-        _check_noise(doc, path, settings.noise, settings.init)
+        _check_noise(doc.where(f"{path}.noise"), settings.noise, settings.init)
     return settings
 
 
-def _check_noise(doc: Doc, path: str, noise: float | None, init: str) -> None:
+def _check_noise(where: str, noise: float | None, init: str, subject: str = "this is") -> None:
+    """The one rule on ``noise``, for a recipe's fields and for a conv's resolved settings:
+    only the ``perturb`` init adds it (the others would silently ignore it)."""
     if noise is not None and noise != 0 and init != "perturb":
-        raise doc.error(
-            f"{path}.noise",
-            f"noise applies to init: perturb only (this is init: {init}, whose experts start "
-            "as exact copies); remove it, or set init: perturb",
+        raise DynifyError(
+            f"{where}: noise {noise:g} applies to init: perturb only, and {subject} init: {init}; "
+            "remove the noise, or set init: perturb with it"
         )
 
 
@@ -480,7 +636,8 @@ def _selector(doc: Doc, raw: Any, path: str) -> Selector:
             try:
                 re.compile(pattern)
             except re.error as err:
-                raise doc.error(sub, f"invalid regular expression {pattern!r}: {err}") from None
+                message = f"invalid regular expression {quoted(pattern)}: {err}"
+                raise doc.error(sub, message) from None
             kw[key] = pattern
         elif key == "type":
             kw[key] = doc.one_or_list(value, sub, lambda v, p: doc.choice(v, p, CONV_TYPES))

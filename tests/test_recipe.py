@@ -6,7 +6,9 @@ against values written here; a few tests resolve bundled recipes on a real resne
 
 from __future__ import annotations
 
+import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,17 @@ import yaml
 
 import dynify
 from dynify._resources import bundled_dir, bundled_names
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, DynifyTypeError
 from dynify.plan import Plan, resolve_plan
-from dynify.recipe import LayerSettings, Recipe, Rule, Selector, load_recipe
+from dynify.recipe import (
+    SELECTOR_KEYS,
+    LayerSettings,
+    Recipe,
+    RecipeBuilder,
+    Rule,
+    Selector,
+    load_recipe,
+)
 from dynify.schedule import TemperatureSchedule
 from dynify.trace import ConvSite, ModelTrace, trace_model
 
@@ -135,8 +145,19 @@ def test_selector_round_trips_through_dict() -> None:
 # -- priority -----------------------------------------------------------------------------
 
 
-def test_later_rule_overrides_earlier_field_by_field() -> None:
-    recipe = load_recipe(
+def _priority_recipe(how: str) -> Recipe:
+    if how == "builder":  # the same rules, written as calls
+        return (
+            RecipeBuilder()
+            .set_defaults(experts=4, reduction=4, attention="softmax")
+            .set_stage([1, 2], experts=8, reduction=16)
+            .set_kernel_size(1, experts=2)
+            .set_name("s1.0.pwl", attention="sigmoid", temperature=5)
+            .set_stem(True, convert=False)
+            .add_rule({"name": "stem.*"}, experts=6)
+            .build()
+        )
+    return load_recipe(
         {
             "defaults": {"experts": 4, "reduction": 4, "attention": "softmax"},
             "rules": [
@@ -148,7 +169,11 @@ def test_later_rule_overrides_earlier_field_by_field() -> None:
             ],
         }
     )
-    plan = resolve_plan(TRACE, recipe)
+
+
+@pytest.mark.parametrize("how", ["dict", "builder"])
+def test_later_rule_overrides_earlier_field_by_field(how: str) -> None:
+    plan = resolve_plan(TRACE, _priority_recipe(how))
     s = {lp.name: lp.settings for lp in plan.layers}
     assert (s["s1.0.dw"].experts, s["s1.0.dw"].reduction) == (8, 16)
     assert (s["s1.0.pw"].experts, s["s1.0.pw"].reduction) == (2, 16)  # rule 2 over rule 1
@@ -197,7 +222,7 @@ def test_each_init_gets_its_temperature_default(init: str, expected: Temperature
 
 
 def test_noise_outside_the_perturb_init_is_one_clear_error() -> None:
-    with pytest.raises(DynifyError, match=r"defaults\.noise: noise applies to init: perturb"):
+    with pytest.raises(DynifyError, match=r"defaults\.noise: noise 0\.01 applies to init: perturb"):
         load_recipe({"defaults": {"noise": 0.01}})
     with pytest.raises(DynifyError, match=r"rules\[0\]\.noise: .*init: scratch"):
         load_recipe({"rules": [{"select": {"stem": True}, "init": "scratch", "noise": 0.1}]})
@@ -377,8 +402,13 @@ def test_unknown_bundled_name_lists_the_bundled_recipes() -> None:
     assert "bundled recipes: all, condconv, dycnn, dycnn-scratch, mobile" in msg
     with pytest.raises(DynifyError, match="neither a file nor a bundled recipe"):
         load_recipe("some/dir/missing.yaml")
-    with pytest.raises(DynifyError, match="got int"):
+    with pytest.raises(DynifyTypeError, match="a dict or a Recipe, got int"):
         load_recipe(3)  # type: ignore[arg-type]
+    # A name no file can have is "not a file", not the OS's error.
+    for name in ("x" * 5000, "a\0b"):
+        with pytest.raises(DynifyError, match="neither a file nor a bundled recipe") as err:
+            load_recipe(name)
+        assert len(str(err.value)) < 300
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -398,6 +428,13 @@ def test_bundled_recipe_loads_and_has_a_comment_header(name: str) -> None:
     assert load_recipe(recipe.to_dict()).rules == tuple(
         Rule(select=r.select, settings=r.settings, name=r.name) for r in recipe.rules
     )
+    # Equality leaves out where a recipe was read from (its source, its rules' lines) only.
+    again = load_recipe(recipe.to_dict())
+    assert again == recipe and again.source is None and recipe.source is not None
+    assert all(r.line for r in recipe.rules) and not any(r.line for r in again.rules)
+    more = replace(recipe.defaults, experts=recipe.defaults.experts + 1)
+    assert replace(recipe, defaults=more) != recipe
+    assert replace(recipe, description="other") != recipe
 
 
 # -- bundled recipes on a real model ------------------------------------------------------
@@ -559,8 +596,11 @@ def test_an_alias_used_twice_is_still_plain_yaml(tmp_path: Path) -> None:
         "version: 1\ndefaults: {experts: '" + "9" * 1_000_000 + "'}\n",
         "version: 1\ndefaults: {" + "k" * 1_000_000 + ": 4}\n",
         "version: 1\ndefaults: {experts: [" + "1, " * 100_000 + "1]}\n",
+        "version: '" + "9" * 100_000 + "'\n",
+        "rules: '" + "r" * 100_000 + "'\n",
+        "rules:\n  - {select: {regex: '(" + "a" * 100_000 + "'}, experts: 2}\n",
     ],
-    ids=["huge-value", "huge-key", "long-list"],
+    ids=["huge-value", "huge-key", "long-list", "version", "rules", "regex"],
 )
 def test_a_recipe_error_quotes_huge_values_short(tmp_path: Path, text: str) -> None:
     path = tmp_path / "huge.yaml"
@@ -568,3 +608,217 @@ def test_a_recipe_error_quotes_huge_values_short(tmp_path: Path, text: str) -> N
     with pytest.raises(DynifyError) as err:
         load_recipe(path)
     assert len(str(err.value)) < len(str(path)) + 400, len(str(err.value))
+
+
+# -- building a recipe in Python ---------------------------------------------------------
+
+# The selector keys the format documents (module docstring, README): one builder method each.
+DOCUMENTED_SELECTORS = (
+    "name regex type kernel_size stride dilation groups depthwise in_channels out_channels "
+    "stem stage block first_in_block last_in_block classifier"
+).split()
+
+
+def test_the_builder_has_one_method_per_selector_key() -> None:
+    assert set(SELECTOR_KEYS) == set(DOCUMENTED_SELECTORS)
+    methods = {n for n in vars(RecipeBuilder) if n.startswith("set_")}
+    assert methods == {f"set_{key}" for key in DOCUMENTED_SELECTORS} | {"set_defaults"}
+    assert RecipeBuilder.set_block.__name__ == "set_block"
+    assert "block" in (RecipeBuilder.set_block.__doc__ or "")
+    assert isinstance(Recipe.builder(), RecipeBuilder)
+
+
+CHOSEN_YAML = """\
+version: 1
+description: hand-written
+defaults: {experts: 4, reduction: 4, attention: softmax}
+rules:
+  - {name: stem stays static, select: {stem: true}, convert: false}
+  - {select: {stage: [-2, -1]}, experts: 8, temperature: {start: 5, shape: cosine}}
+  - {select: {kernel_size: 1}, reduction: 8, attention: sigmoid}
+  - {select: {in_channels: {min: 256}, first_in_block: true}, init: scratch}
+  - {select: {name: "layer4.1.*"}, convert: false}
+  - {select: {regex: 'layer1\\.0\\.conv\\d'}, experts: 2, routing_std: 0.5}
+strict: true
+"""
+
+
+def _chosen_builder() -> Recipe:
+    return (
+        Recipe.builder(description="hand-written", strict=True)
+        .set_defaults(experts=4, reduction=4, attention="softmax")
+        .set_stem(True, convert=False, name="stem stays static")
+        .set_stage((-2, -1), experts=8, temperature={"start": 5, "shape": "cosine"})
+        .set_kernel_size(1, reduction=8, attention="sigmoid")
+        .add_rule({"in_channels": {"min": 256}, "first_in_block": True}, init="scratch")
+        .set_name("layer4.1.*", convert=False)
+        .set_regex(r"layer1\.0\.conv\d", experts=2, routing_std=0.5)
+        .build()
+    )
+
+
+@pytest.fixture(scope="module")
+def resnet18_random():
+    return timm.create_model("resnet18", pretrained=False).eval()
+
+
+def test_the_builder_and_the_yaml_give_the_same_plan(resnet18_random, tmp_path: Path) -> None:
+    from_yaml = load_recipe(write(tmp_path, CHOSEN_YAML))
+    built = _chosen_builder()
+    assert built == from_yaml and built.source is None
+    plans = [
+        dynify.make_plan(resnet18_random, r, input_size=(3, 32, 32)) for r in (from_yaml, built)
+    ]
+    rows = [[(lp.name, lp.settings, lp.reason) for lp in p.layers] for p in plans]
+    assert rows[0] == rows[1] and len(rows[0]) == 20
+    # ...and that plan is what the rules say (written out here, not derived from either).
+    s = {lp.name: lp.settings for lp in plans[1].layers}
+    assert not s["conv1"].convert and not s["layer4.1.conv1"].convert
+    assert (s["layer1.0.conv1"].experts, s["layer1.0.conv1"].routing_std) == (2, 0.5)
+    assert (s["layer2.0.conv1"].experts, s["layer2.0.conv1"].init) == (4, "upcycle")
+    deep = s["layer3.0.downsample.0"]  # stage -2, 1x1, 128 in: not first_in_block's 256
+    assert (deep.experts, deep.reduction, deep.attention) == (8, 8, "sigmoid")
+    assert deep.temperature == TemperatureSchedule(start=5, shape="cosine")
+    assert (s["layer4.0.conv1"].init, s["layer4.0.conv1"].experts) == ("scratch", 8)
+    assert s["layer2.0.conv1"].attention == "softmax" and s["layer4.0.conv2"].init == "upcycle"
+    # dynify.apply takes the built recipe as it takes the file.
+    converted = dynify.apply(timm.create_model("resnet18"), built, input_size=(3, 32, 32))
+    assert [lp.name for lp in dynify.plan_of(converted).converted] == [
+        lp.name for lp in plans[0].converted
+    ]
+
+
+def test_the_builder_applies_rules_in_the_order_they_were_added() -> None:
+    def experts(builder: RecipeBuilder) -> dict[str, int]:
+        return {lp.name: lp.settings.experts for lp in resolve_plan(TRACE, builder.build()).layers}
+
+    stage_last = experts(RecipeBuilder().set_kernel_size(1, experts=2).set_stage(1, experts=8))
+    kernel_last = experts(RecipeBuilder().set_stage(1, experts=8).set_kernel_size(1, experts=2))
+    assert (stage_last["s1.0.pw"], kernel_last["s1.0.pw"]) == (8, 2)  # in both: the later
+    assert stage_last["s1.0.dw"] == kernel_last["s1.0.dw"] == 8  # only the stage rule
+    assert stage_last["head.fc"] == kernel_last["head.fc"] == 2  # only the kernel rule
+    assert stage_last["s2.0.conv2"] == 4  # neither: the defaults
+    # set_defaults again updates the fields it names, the others stay.
+    twice = RecipeBuilder().set_defaults(experts=6, reduction=2).set_defaults(experts=3).build()
+    assert (twice.defaults.experts, twice.defaults.reduction) == (3, 2)
+
+
+def test_the_builder_round_trips_through_yaml_and_dict(tmp_path: Path) -> None:
+    built = _chosen_builder()
+    path = tmp_path / "built.yaml"
+    path.write_text(built.to_yaml(header="written by the builder"))
+    again = load_recipe(path)
+    assert again == built and load_recipe(built.to_dict()) == built
+    assert again.strict and again.description == "hand-written"
+    assert (
+        resolve_plan(TRACE, again, strict=False).layers
+        == resolve_plan(TRACE, built, strict=False).layers
+    )
+    # The builder's own dict is the YAML's structure, and loads to the same recipe.
+    builder = RecipeBuilder().set_stage(-1, experts=8)
+    assert builder.to_dict()["rules"] == [{"select": {"stage": -1}, "experts": 8}]
+    assert load_recipe(builder.to_dict()) == builder.build()
+
+
+def test_the_builder_takes_python_spellings_and_copies_what_it_is_given() -> None:
+    as_tuple = RecipeBuilder().set_stage((1, 2), experts=8).build()
+    as_list = RecipeBuilder().set_stage([1, 2], experts=8).build()
+    assert as_tuple == as_list and as_tuple.rules[0].select.stage == (1, 2)
+    by_selector = RecipeBuilder().add_rule(Selector(kernel_size=(1,), stage=(-1,)), experts=2)
+    by_dict = RecipeBuilder().add_rule({"kernel_size": 1, "stage": -1}, experts=2)
+    assert by_selector.build() == by_dict.build()
+    schedule = TemperatureSchedule(start=10, end=1, length=3)
+    timed = RecipeBuilder().set_defaults(temperature=schedule)
+    assert timed.build().defaults.temperature == schedule
+    assert yaml.safe_load(yaml.safe_dump(timed.to_dict())) == timed.to_dict()  # plain data
+    select = {"name": ["s1.*"]}
+    builder = RecipeBuilder().add_rule(select, experts=2)
+    select["name"].append("zzz")  # a later change to the caller's dict changes nothing
+    assert builder.build().rules[0].select == Selector(name=("s1.*",))
+    # Starting from a recipe: its rules first, the added ones after (so they win).
+    mobile = load_recipe("mobile")
+    assert RecipeBuilder.from_recipe("mobile").build() == mobile
+    more = RecipeBuilder.from_recipe(mobile).set_stage(-1, experts=8).build()
+    assert more.rules[:-1] == mobile.rules and more.rules[-1].settings == {"experts": 8}
+
+
+# The same mistake in a file and in a call: (YAML text, the call, what the message says).
+MISTAKES = [
+    ("defaults:\n  expert: 4\n", lambda b: b.set_defaults(expert=4), "did you mean 'experts'"),
+    ("defaults:\n  experts: 0\n", lambda b: b.set_defaults(experts=0), "integer >= 1, got 0"),
+    ("defaults:\n  attention: softmaxx\n", lambda b: b.set_defaults(attention="softmaxx"),
+     "did you mean 'softmax'"),
+    ("defaults:\n  noise: 0.1\n", lambda b: b.set_defaults(noise=0.1),
+     "noise 0.1 applies to init: perturb only"),
+    ("defaults:\n  temperature: {shape: cosin}\n",
+     lambda b: b.set_defaults(temperature={"shape": "cosin"}), "did you mean 'cosine'"),
+    ("rules:\n  - select: {kernal_size: 1}\n    experts: 8\n",
+     lambda b: b.add_rule({"kernal_size": 1}, experts=8), "did you mean 'kernel_size'"),
+    ("rules:\n  - select: {kernel_size: 1}\n    temprature: 3\n",
+     lambda b: b.set_kernel_size(1, temprature=3), "did you mean 'temperature'"),
+    ("rules:\n  - select: {stage: [1, x]}\n    experts: 2\n",
+     lambda b: b.set_stage((1, "x"), experts=2), "stage[1]: expected an integer, got 'x'"),
+    ("rules:\n  - select: {type: conv2d}\n    experts: 2\n",
+     lambda b: b.set_type("conv2d", experts=2), "did you mean 'Conv2d'"),
+    ("rules:\n  - select: {in_channels: {min: 64, max: 32}}\n    experts: 2\n",
+     lambda b: b.set_in_channels({"min": 64, "max": 32}, experts=2), "empty range"),
+    ("rules:\n  - select: {out_channels: {low: 3}}\n    experts: 2\n",
+     lambda b: b.set_out_channels({"low": 3}, experts=2), "accepted keys: min, max"),
+    ("rules:\n  - select: {regex: 'a('}\n    experts: 2\n",
+     lambda b: b.set_regex("a(", experts=2), "invalid regular expression"),
+    ("rules:\n  - select: {stem: 1}\n    experts: 2\n", lambda b: b.set_stem(1, experts=2),
+     "true or false"),
+    ("rules:\n  - select: {kernel_size: []}\n    experts: 2\n",
+     lambda b: b.set_kernel_size([], experts=2), "non-empty list"),
+    ("rules:\n  - select: {stem: true}\n", lambda b: b.set_stem(True), "must set at least one"),
+    ("rules:\n  - {select: {stem: true}, init: scratch, noise: 0.1}\n",
+     lambda b: b.set_stem(True, init="scratch", noise=0.1), "init: scratch"),
+    ("rules:\n  - {name: 3, experts: 2}\n", lambda b: b.add_rule(name=3, experts=2),
+     "expected a string"),
+    ("rules:\n  - {select: stem, experts: 2}\n", lambda b: b.add_rule("stem", experts=2),
+     "expected a mapping"),
+    ("strict: maybe\n", lambda b: RecipeBuilder(strict="maybe"), "true or false"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "call", "what"), MISTAKES)
+def test_a_builder_mistake_is_the_files_one_line_error(
+    tmp_path: Path, text: str, call, what: str
+) -> None:
+    in_file = error_of(tmp_path, text)
+    builder = RecipeBuilder().set_defaults(experts=4)
+    before = builder.to_dict()
+    with pytest.raises(DynifyError) as err:
+        call(builder)
+    in_call = str(err.value)
+    assert what in in_file and "\n" not in in_call
+    assert in_call.startswith("<RecipeBuilder>: ")
+    # The same message once the location is off: the file's "path:line: ", the builder's name.
+    path = re.escape(str(tmp_path / "recipe.yaml"))
+    assert in_call.removeprefix("<RecipeBuilder>: ") == re.sub(rf"^{path}(:\d+)?: ", "", in_file)
+    assert builder.to_dict() == before  # the failed call changed nothing
+
+
+def test_noise_that_resolves_onto_another_init_names_the_conv() -> None:
+    recipe = RecipeBuilder().set_stage(1, noise=0.1).build()  # the defaults' init: upcycle
+    with pytest.raises(DynifyError) as err:
+        resolve_plan(TRACE, recipe)
+    assert str(err.value) == (
+        "recipe: s1.0.pw: noise 0.1 applies to init: perturb only, and this conv resolves to "
+        "init: upcycle; remove the noise, or set init: perturb with it"
+    )
+    assert resolve_plan(TRACE, RecipeBuilder().set_stage(1, noise=0.1, init="perturb").build())
+
+
+def test_the_readmes_builder_example_is_its_yaml_example() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Recipes") :]
+    section = section[: section.index("\n## ", 1)]
+    yaml_block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    python_block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert yaml_block and python_block and "Recipe.builder(" in python_block.group(1)
+    # Run the example up to the recipe (converting resnet50 is test_docs' kind of check).
+    code = python_block.group(1).split("\nmodel = ")[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["recipe"] == load_recipe(yaml.safe_load(yaml_block.group(1)))

@@ -14,7 +14,7 @@ import timm
 
 from dynify import cost
 from dynify._budget import parse_budget
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, DynifyTypeError
 from dynify.plan import resolve_plan
 from dynify.recipe import LayerSettings, Recipe, Rule, Selector
 from dynify.search.space import group_layers, load_space
@@ -139,7 +139,7 @@ def test_wrong_types_and_values(tmp_path: Path, text: str, expected: str) -> Non
     assert expected in msg, msg
 
 
-def test_top_level_problems(tmp_path: Path) -> None:
+def test_top_level_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert _error(tmp_path, "").endswith("the search space is empty")
     assert "missing key 'model'" in _error(tmp_path, "input_size: [3, 32, 32]\n")
     assert "input_size: expected [C, H, W], got [3, 32]" in _error(
@@ -153,6 +153,21 @@ def test_top_level_problems(tmp_path: Path) -> None:
         "search space 'defualt' is neither a file nor a bundled space (did you mean "
         "'default'?); bundled spaces: cifar-small, default"
     )
+    # The lookup recipes share: a non-path is a type error; a name no file can have is no file.
+    with pytest.raises(DynifyTypeError) as info:
+        load_space(3)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "search space must be a path, a bundled space's name or a SearchSpace, got int"
+    )
+    for name in ("x" * 5000, "a\0b"):
+        with pytest.raises(DynifyError, match="neither a file nor a bundled space") as info:
+            load_space(name)
+        assert len(str(info.value)) < 300
+    # A file in the current folder wins over the bundled space of the same name.
+    (tmp_path / "default.yaml").write_text(HEAD)
+    monkeypatch.chdir(tmp_path)
+    assert load_space("default.yaml").model == "resnet18"
+    assert load_space("default").model == "resnet101"
 
 
 def test_a_minimal_space_gets_the_documented_defaults(tmp_path: Path) -> None:
@@ -173,3 +188,16 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
     assert "training.lr: expected a number > 0, got 'fast'" in _error(
         tmp_path, HEAD + "training:\n  lr: fast\n"
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "version: '" + "9" * 100_000 + "'\nmodel: resnet18\ninput_size: [3, 32, 32]\n",
+        "model: resnet18\ninput_size: '" + "3" * 100_000 + "'\n",
+    ],
+    ids=["version", "input_size"],
+)
+def test_a_space_error_quotes_a_huge_value_short(tmp_path: Path, text: str) -> None:
+    msg = _error(tmp_path, text)
+    assert len(msg) < len(str(tmp_path)) + 400, len(msg)

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dynify._resources import bundled_names, find_bundled
+from dynify._resources import locate
 from dynify._yaml import Doc, load_yaml_file
-from dynify.errors import DynifyError, did_you_mean
+from dynify.errors import quoted
 from dynify.layers.attention import ATTENTION_KINDS
 from dynify.plan import LayerPlan, Plan
 from dynify.recipe import Recipe, parse_recipe
@@ -147,17 +147,7 @@ def load_space(space: SearchSpace | str | os.PathLike[str] | None) -> SearchSpac
     ``default``)."""
     if isinstance(space, SearchSpace):
         return space
-    name = DEFAULT_SPACE if space is None else space
-    path = Path(name)
-    if not path.exists():
-        bundled = find_bundled("search", str(name))
-        if bundled is None:
-            names = bundled_names("search")
-            raise DynifyError(
-                f"search space {str(name)!r} is neither a file nor a bundled space"
-                f"{did_you_mean(path.stem, names)}; bundled spaces: {', '.join(names)}"
-            )
-        path = bundled
+    path = locate("search", DEFAULT_SPACE if space is None else space, also=("a SearchSpace",))
     return parse_space(load_yaml_file(path))
 
 
@@ -166,7 +156,7 @@ def _choices(doc: Doc, value: Any, path: str, item: Any) -> tuple:
     values = doc.one_or_list(value, path, item)
     for i, v in enumerate(values):
         if v in values[:i]:
-            raise doc.error(f"{path}[{i}]", f"{v!r} is listed twice")
+            raise doc.error(f"{path}[{i}]", f"{quoted(v)} is listed twice")
     return values
 
 
@@ -176,14 +166,14 @@ def parse_space(doc: Doc) -> SearchSpace:
         raise doc.error("", "the search space is empty")
     top = doc.mapping(doc.data, "", TOP_KEYS)
     if "version" in top and top["version"] != 1:
-        raise doc.error("version", f"unsupported version {top['version']!r}; accepted: 1")
+        raise doc.error("version", f"unsupported version {quoted(top['version'])}; accepted: 1")
     for key in ("model", "input_size"):
         if key not in top:
             raise doc.error("", f"missing key {key!r}")
     model = doc.string(top["model"], "model")
     size = top["input_size"]
     if not (isinstance(size, list) and len(size) == 3):
-        raise doc.error("input_size", f"expected [C, H, W], got {size!r}")
+        raise doc.error("input_size", f"expected [C, H, W], got {quoted(size)}")
     input_size = tuple(doc.integer(v, f"input_size[{i}]", minimum=1) for i, v in enumerate(size))
     data = doc.string(top["data"], "data") if top.get("data") is not None else None
     candidates = parse_recipe(doc.sub("candidates")) if "candidates" in top else Recipe()
