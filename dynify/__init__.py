@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from dynify.layers import DynamicConv2d, KernelAttention
     from dynify.layers.dynamic_conv_same import DynamicConv2dSame
     from dynify.plan import LayerPlan, Plan, plan_of, resolve_plan
-    from dynify.recipe import LayerSettings, Recipe, load_recipe
+    from dynify.recipe import LayerSettings, Recipe, RecipeBuilder, Rule, Selector, load_recipe
     from dynify.routing import LayerRouting, RoutingReport, routing_report
     from dynify.schedule import TemperatureSchedule
     from dynify.trace import ConvSite, ModelTrace, trace_model
@@ -48,7 +48,10 @@ __all__ = [
     "ModelTrace",
     "Plan",
     "Recipe",
+    "RecipeBuilder",
     "RoutingReport",
+    "Rule",
+    "Selector",
     "TemperatureSchedule",
     "TemperatureScheduler",
     "__version__",
@@ -81,7 +84,14 @@ _SOURCES: dict[str, str] = {
         "dynify.layers": ("DynamicConv2d", "KernelAttention"),
         "dynify.layers.dynamic_conv_same": ("DynamicConv2dSame",),
         "dynify.plan": ("LayerPlan", "Plan", "plan_of", "resolve_plan"),
-        "dynify.recipe": ("LayerSettings", "Recipe", "load_recipe"),
+        "dynify.recipe": (
+            "LayerSettings",
+            "Recipe",
+            "RecipeBuilder",
+            "Rule",
+            "Selector",
+            "load_recipe",
+        ),
         "dynify.routing": ("LayerRouting", "RoutingReport", "routing_report"),
         "dynify.schedule": ("TemperatureSchedule",),
         "dynify.train.temperature": ("TemperatureScheduler",),
