@@ -7,7 +7,6 @@ See docs/architecture.md for the layers these tests hold the code to.
 from __future__ import annotations
 
 import ast
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -194,14 +193,6 @@ def test_lower_layers_never_import_higher_ones() -> None:
             if there > here:
                 wrong.append(f"{module} imports {target}")
     assert not wrong, "\n".join(sorted(wrong))
-
-
-def test_every_public_name_resolves_from_its_source() -> None:
-    for name in dynify.__all__:
-        value = getattr(dynify, name)
-        source = dynify._SOURCES.get(name)
-        if source is not None:
-            assert value is getattr(importlib.import_module(source), name), name
 
 
 @pytest.mark.parametrize("package", ["cost", "train", "search", "logging", "errors"])

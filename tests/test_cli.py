@@ -109,7 +109,7 @@ def test_public_names_are_the_defining_modules_objects() -> None:
     expected += [KernelAttention, load_recipe, routing_report, TemperatureScheduler, trace_model]
     for obj in expected:
         assert getattr(dynify, obj.__name__) is obj, obj.__name__
-    assert set(dynify.__all__) == {*dynify._SOURCES, "__version__"}
+    assert set(dynify.__all__) == {*dynify._SOURCES, *dynify._SUBPACKAGES, "__version__"}
     assert dynify.artifact.read_info is not None  # public submodules stay reachable
     with pytest.raises(AttributeError, match="no_such_name"):
         dynify.no_such_name  # noqa: B018
