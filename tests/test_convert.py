@@ -399,7 +399,7 @@ def test_apply_with_a_plan_from_another_model_is_an_error(resnet18: nn.Module) -
     plan = dynify.make_plan(resnet18, input_size=(3, 64, 64))
     other = timm.create_model("mobilenetv2_100")
     with pytest.raises(
-        DynifyError, match="is not a conv mobilenetv2_100 can convert .*another model"
+        DynifyError, match=r"is not a conv mobilenetv2_100 can convert .*another model"
     ):
         dynify.apply(other, plan)
 
