@@ -10,7 +10,6 @@ example input and refuses to hand back a model whose output changed.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +23,7 @@ from dynify.errors import DynifyError, quoted
 from dynify.layers import DynamicConv2d
 from dynify.layers.conv_variants import conversion_kind, effective_weight
 from dynify.plan import LayerPlan, Plan, attach_plan, find_plan, plan_of, resolve_plan
-from dynify.recipe import Recipe, load_recipe
+from dynify.recipe import RecipeLike, load_recipe
 from dynify.trace import ModelTrace, trace_model
 
 __all__ = [
@@ -41,8 +40,6 @@ __all__ = [
 # Largest relative max error (max |y - y0| / max |y0|) a conversion may introduce, the
 # original and the converted model both computed in float64 (an exact conversion: ~1e-12).
 EQUIVALENCE_TOLERANCE = 1e-4
-
-RecipeLike = Recipe | dict[str, Any] | str | os.PathLike[str] | None
 
 
 # -- building a layer ---------------------------------------------------------------------
@@ -86,7 +83,7 @@ def make_plan(
     converting anything: what the cost model and the search price."""
     trace = model if isinstance(model, ModelTrace) else trace_model(model, input_size=input_size)
     name = model_name_of(model) if isinstance(model, nn.Module) else None
-    return resolve_plan(trace, load_recipe(recipe), strict=strict, model_name=name)
+    return resolve_plan(trace, recipe, strict=strict, model_name=name)
 
 
 def model_name_of(model: nn.Module) -> str | None:

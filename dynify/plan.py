@@ -25,7 +25,15 @@ from dynify._table import format_table
 from dynify._yaml import Doc
 from dynify.errors import DynifyError, quoted, shorten
 from dynify.layers.attention import attention_hidden_width
-from dynify.recipe import LayerSettings, Recipe, Rule, Selector, parse_settings
+from dynify.recipe import (
+    LayerSettings,
+    Recipe,
+    RecipeLike,
+    Rule,
+    Selector,
+    load_recipe,
+    parse_settings,
+)
 from dynify.trace import MAX_CHANNELS, MAX_SIDE, ConvSite, ModelTrace
 
 __all__ = [
@@ -260,17 +268,22 @@ class Plan:
 
 def resolve_plan(
     trace: ModelTrace,
-    recipe: Recipe,
+    recipe: RecipeLike = None,
     *,
     strict: bool | None = None,
     model_name: str | None = None,
 ) -> Plan:
-    """Resolve ``recipe`` against every conv of ``trace``.
+    """Resolve ``recipe`` against every conv of ``trace``: :func:`dynify.make_plan` for a
+    trace already made (``make_plan`` takes a model or a trace, this a trace; both take
+    every form of recipe ``load_recipe`` reads).
 
     Args:
+        recipe: a :class:`Recipe`, a dict, a YAML path or a bundled recipe's name (``None``:
+            the DY-CNN defaults).
         strict: fail when a rule matches no conv (default: the recipe's own ``strict``).
         model_name: the timm architecture the trace is of, recorded in the plan.
     """
+    recipe = load_recipe(recipe)
     strict = recipe.strict if strict is None else strict
     hits = [0] * len(recipe.rules)
     layers = []

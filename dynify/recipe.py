@@ -83,6 +83,7 @@ __all__ = [
     "LayerSettings",
     "Recipe",
     "RecipeBuilder",
+    "RecipeLike",
     "Rule",
     "Selector",
     "load_recipe",
@@ -352,7 +353,11 @@ class Recipe:
         return comment + body
 
 
-def load_recipe(recipe: Recipe | dict[str, Any] | str | os.PathLike[str] | None) -> Recipe:
+# What every function that takes a recipe accepts (``load_recipe`` reads it).
+RecipeLike = Recipe | dict[str, Any] | str | os.PathLike[str] | None
+
+
+def load_recipe(recipe: RecipeLike) -> Recipe:
     """A Recipe from a Recipe, a dict, a YAML path, or a bundled recipe's name.
 
     ``None`` gives the bundled ``dycnn`` recipe (the DY-CNN paper's setting).
