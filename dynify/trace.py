@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from dynify._opcount import OpCounts, OpRecorder
+from dynify._opcount import OpCounts, record_ops
 from dynify.errors import DynifyError, shorten
 from dynify.layers import DynamicConv2d
 from dynify.layers.conv_variants import conversion_kind, is_conv
@@ -352,21 +352,13 @@ def trace_model(
     # fire for every block and feature module too (fx inlines those), and a graph that fx
     # traced but froze a branch of cannot mislead the shapes.
     example = _example(model, size)
-    recorder = OpRecorder(model, (example,))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), recorder:
-            output = model(example)
-    except Exception as err:
-        message = str(err).splitlines()[0] if str(err) else ""
-        raise DynifyError(
-            f"the model does not run on an input of size {size}: {type(err).__name__}: {message}"
-        ) from None
+        output, recorder = record_ops(
+            model, example, is_conv_layer=lambda m: is_conv(m) or isinstance(m, DynamicConv2d)
+        )
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
     # Stem: the convs that run before the first conv of any block (ResNet-D's three, DLA's
     # base and level 0-1); the first conv alone when the network has no blocks.

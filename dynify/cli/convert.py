@@ -6,35 +6,51 @@ import argparse
 import time
 
 HELP = "convert a timm model's convs to dynamic convolutions and write an artifact"
+RECIPE_HELP = "recipe YAML file or bundled name (dycnn, mobile, condconv, all); default: dycnn"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "convert",
-        help=HELP,
-        description=(
-            f"{HELP[0].upper()}{HELP[1:]}. Prints the per-layer plan, checks that the converted "
-            "model computes what the original did, and writes the weights, the timm name and "
-            "the plan to one .safetensors file (rebuild it with dynify.load or --from)."
-        ),
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, help: str, details: str
+) -> argparse.ArgumentParser:
+    """The parser of command ``name``: ``help`` in the command list; the description is
+    ``help`` as a sentence, then ``details``."""
+    return subparsers.add_parser(
+        name, help=help, description=f"{help[0].upper()}{help[1:]}. {details}"
     )
-    p.add_argument("model", nargs="?", help="timm model name, e.g. resnet50")
-    p.add_argument(
-        "--recipe",
-        default=None,
-        help="recipe YAML file or bundled name (dycnn, mobile, condconv, all); default: dycnn",
-    )
+
+
+def add_model_arguments(
+    p: argparse.ArgumentParser, *, input_size_help: str
+) -> argparse._MutuallyExclusiveGroup:
+    """The flags of a command that builds a timm model and plans its conversion:
+    ``--recipe``, ``--pretrained`` | ``--checkpoint`` (the group, returned for more
+    sources), ``--num-classes`` and ``--input-size``."""
+    p.add_argument("--recipe", default=None, help=RECIPE_HELP)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pretrained", action="store_true", help="start from timm's weights")
     src.add_argument("--checkpoint", metavar="FILE", help="start from these weights")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N")
+    p.add_argument("--input-size", default=None, metavar="C,H,W", help=input_size_help)
+    return src
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = add_command(
+        subparsers,
+        "convert",
+        HELP,
+        "Prints the per-layer plan, checks that the converted model computes what the "
+        "original did, and writes the weights, the timm name and the plan to one "
+        ".safetensors file (rebuild it with dynify.load or --from).",
+    )
+    p.add_argument("model", nargs="?", help="timm model name, e.g. resnet50")
+    src = add_model_arguments(p, input_size_help="example input size")
     src.add_argument(
         "--from",
         dest="from_artifact",
         metavar="ARTIFACT",
         help="rebuild an existing artifact instead of converting a model",
     )
-    p.add_argument("--num-classes", type=int, default=None, metavar="N")
-    p.add_argument("--input-size", default=None, metavar="C,H,W", help="example input size")
     p.add_argument(
         "--output",
         default=None,
