@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
+from typing import Any
 
 HELP = "convert a timm model's convs to dynamic convolutions and write an artifact"
 RECIPE_HELP = "recipe YAML file or bundled name (dycnn, mobile, condconv, all); default: dycnn"
@@ -20,18 +22,26 @@ def add_command(
 
 
 def add_model_arguments(
-    p: argparse.ArgumentParser, *, input_size_help: str
-) -> argparse._MutuallyExclusiveGroup:
-    """The flags of a command that builds a timm model and plans its conversion:
-    ``--recipe``, ``--pretrained`` | ``--checkpoint`` (the group, returned for more
-    sources), ``--num-classes`` and ``--input-size``."""
+    p: argparse.ArgumentParser,
+    *,
+    model_help: str,
+    input_size_help: str,
+    optional: bool = False,
+    more_sources: Sequence[tuple[str, dict[str, Any]]] = (),
+) -> None:
+    """The arguments of a command that builds a timm model and plans its conversion: the
+    model (``optional``: may be left out), ``--recipe``, where the weights come from
+    (``--pretrained``, ``--checkpoint`` and ``more_sources``, ``(flag, add_argument
+    keywords)``, one of them at most), ``--num-classes`` and ``--input-size``."""
+    p.add_argument("model", nargs="?" if optional else None, help=model_help)
     p.add_argument("--recipe", default=None, help=RECIPE_HELP)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pretrained", action="store_true", help="start from timm's weights")
     src.add_argument("--checkpoint", metavar="FILE", help="start from these weights")
+    for flag, kwargs in more_sources:
+        src.add_argument(flag, **kwargs)
     p.add_argument("--num-classes", type=int, default=None, metavar="N")
     p.add_argument("--input-size", default=None, metavar="C,H,W", help=input_size_help)
-    return src
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,13 +53,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "original did, and writes the weights, the timm name and the plan to one "
         ".safetensors file (rebuild it with dynify.load or --from).",
     )
-    p.add_argument("model", nargs="?", help="timm model name, e.g. resnet50")
-    src = add_model_arguments(p, input_size_help="example input size")
-    src.add_argument(
-        "--from",
-        dest="from_artifact",
-        metavar="ARTIFACT",
-        help="rebuild an existing artifact instead of converting a model",
+    rebuild = {
+        "dest": "from_artifact",
+        "metavar": "ARTIFACT",
+        "help": "rebuild an existing artifact instead of converting a model",
+    }
+    add_model_arguments(
+        p,
+        model_help="timm model name, e.g. resnet50",
+        input_size_help="example input size",
+        optional=True,
+        more_sources=[("--from", rebuild)],
     )
     p.add_argument(
         "--output",

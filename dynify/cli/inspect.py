@@ -18,11 +18,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "given; FLOPs = 2 x MACs. FLOPs measured with torch's FlopCounterMode are shown "
         "beside them.",
     )
-    p.add_argument(
-        "model",
-        help="timm model name, e.g. resnet50, or a .safetensors artifact (its plan and weights)",
+    add_model_arguments(
+        p,
+        model_help="timm model name, e.g. resnet50, or a .safetensors artifact (its plan and "
+        "weights)",
+        input_size_help="default: the model's",
     )
-    add_model_arguments(p, input_size_help="default: the model's")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="default: 1")
     p.add_argument(
         "--device", default=None, help="where FLOPs and latency are measured (default: cuda if any)"
