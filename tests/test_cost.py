@@ -542,6 +542,24 @@ def test_a_model_that_fails_is_one_line_with_its_error_as_cause(run: str) -> Non
     assert model.training
 
 
+def test_trace_and_count_record_the_same_conv_layers() -> None:
+    # Each tells the op recorder which modules are conv layers: they must agree, or a plan
+    # priced from its trace and a model counted by its own pass would split ops differently.
+    from dynify._opcount import record_ops
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), DynamicConv2d(8, 8, 3, bias=True), nn.Flatten(),
+                          nn.LazyLinear(5))  # fmt: skip
+    model(torch.randn(1, 3, 8, 8))
+    traced = dynify.trace_model(model, input_size=(3, 8, 8)).op_counts
+    _, recorder = record_ops(model, torch.randn(1, 3, 8, 8), is_conv_layer=counting.is_conv_layer)
+
+    def attribution(counts):
+        return sorted((op.module, op.op, op.in_conv, op.batched) for op in counts.ops)
+
+    assert attribution(traced) == attribution(recorder.counts())
+    assert ("1", "addmm", True, True) in attribution(traced)  # the attention, inside layer 1
+
+
 def test_public_api() -> None:
     import dynify._budget
     import dynify._opcount
