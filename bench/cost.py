@@ -28,38 +28,10 @@ import time
 
 import timm
 import torch
+from families import ISSUE_FAMILIES
 
 import dynify
 from dynify import cost
-
-ARCHS = (
-    "resnet18",
-    "resnet50d",
-    "resnext50_32x4d",
-    "seresnext26d_32x4d",
-    "regnety_008",
-    "mobilenetv2_100",
-    "mobilenetv3_large_100",
-    "efficientnet_b0",
-    "tf_efficientnet_b0",
-    "mixnet_s",
-    "ghostnet_100",
-    "densenet121",
-    "dla34",
-    "hrnet_w18_small",
-    "inception_v3",
-    "xception41",
-    "res2net50_14w_8s",
-    "resnest14d",
-    "cspdarknet53",
-    "convnext_nano",
-    "repvgg_a0",
-    "rexnet_100",
-    "nf_resnet26",
-    "resnetv2_50x1_bit",
-    "efficientnet_cc_b0_4e",
-    "vit_tiny_patch16_224",
-)
 
 
 def agreement(archs: list[str], size: tuple[int, int, int] | None) -> bool:
@@ -250,7 +222,7 @@ def _mixing_alone(converted: torch.nn.Module, rounds: int = 5) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("agreement", "pricing", "latency", "profile"))
-    parser.add_argument("--archs", default=",".join(ARCHS))
+    parser.add_argument("--archs", default=",".join(ISSUE_FAMILIES))
     parser.add_argument("--size", default=None, help="C,H,W for the agreement survey")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument(

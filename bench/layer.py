@@ -63,6 +63,11 @@ class Shape:
     def is_stem(self) -> bool:
         return self.cin == 3
 
+    def conv(self, cls: type[nn.Module] = nn.Conv2d, **kwargs) -> nn.Module:
+        """A ``cls`` conv of this shape, without bias (``kwargs``: ``cls``'s own)."""
+        return cls(self.cin, self.cout, self.k, stride=self.stride, padding=self.padding,
+                   groups=self.groups, bias=False, **kwargs)  # fmt: skip
+
 
 SHAPES = [
     Shape("3x3-64@56", 64, 64, 3, 1, 1, 56),
@@ -141,16 +146,7 @@ class TimmCondConv(nn.Module):
         from timm.layers import CondConv2d
 
         self.routing_fn = nn.Linear(shape.cin, K)
-        self.conv = CondConv2d(
-            shape.cin,
-            shape.cout,
-            shape.k,
-            stride=shape.stride,
-            padding=shape.padding,
-            groups=shape.groups,
-            bias=False,
-            num_experts=K,
-        )
+        self.conv = shape.conv(CondConv2d, num_experts=K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
@@ -160,15 +156,7 @@ class TimmCondConv(nn.Module):
 def build(impl: str, shape: Shape) -> nn.Module:
     from dynify import DynamicConv2d
 
-    conv = nn.Conv2d(
-        shape.cin,
-        shape.cout,
-        shape.k,
-        stride=shape.stride,
-        padding=shape.padding,
-        groups=shape.groups,
-        bias=False,
-    )
+    conv = shape.conv()
     if impl == "static":
         return conv
     if impl == "dynify":

@@ -7,14 +7,18 @@ inside (``nn.Conv2d`` and subclasses, timm's ``CondConv2d``, dynify's ``DynamicC
 else to the innermost module that ran it, and marked *batched* when it depends on the input
 (its cost then scales with the batch size) or fixed when it only reads parameters.
 
-``trace_model`` runs its example forward pass under a recorder, so a trace (and the plan
+Which modules are conv layers is the caller's to say (``is_conv_layer``): this module sits
+below :mod:`dynify.layers` and knows no dynamic layer. :func:`record_ops` runs one example
+pass under a recorder; ``trace_model`` runs its example that way, so a trace (and the plan
 resolved from it, and an artifact's plan) knows what the rest of the network costs; the
-cost model (``dynify.cost``) prices plans from that.
+cost model (``dynify.cost``) prices plans from that, and records models without a plan
+through the same function.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import prod
 from typing import Any
@@ -25,6 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
+from dynify._modes import evaluating
+from dynify.errors import DynifyError, shorten
+
 __all__ = [
     "ATTENTION_OP_NAMES",
     "CONV_OP_NAMES",
@@ -32,8 +39,8 @@ __all__ = [
     "CountedOp",
     "OpCounts",
     "OpRecorder",
-    "is_conv_layer",
     "op_macs",
+    "record_ops",
 ]
 
 aten = torch.ops.aten
@@ -66,12 +73,9 @@ _COUNTED = frozenset(flop_registry) | _ATTENTION
 CONV_OP_NAMES = frozenset(p.__name__ for p in _CONV)
 ATTENTION_OP_NAMES = frozenset(p.__name__ for p in _ATTENTION)
 
-
-def is_conv_layer(module: nn.Module) -> bool:
-    """A module the cost model prices as one conv layer (static or dynamic)."""
-    from dynify.layers import DynamicConv2d
-
-    return isinstance(module, nn.Conv2d | DynamicConv2d) or type(module).__name__ == "CondConv2d"
+# How much of the model's own error message a one-line error quotes (all of it is kept as
+# the error's cause).
+_MESSAGE_LIMIT = 200
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -166,13 +170,21 @@ class OpRecorder(TorchDispatchMode):
     Args:
         model: the model whose modules name the ops.
         inputs: the tensors fed to the model; ops that depend on them are *batched*.
+        is_conv_layer: which modules are conv layers (static or dynamic), each priced as
+            one layer with every op run inside it.
 
     After the run: ``counts()`` gives an :class:`OpCounts`; ``conv_calls``,
     ``conv_inputs`` and ``conv_outputs`` give each conv layer's number of calls and first
     input / output shape (per sample).
     """
 
-    def __init__(self, model: nn.Module, inputs: tuple[torch.Tensor, ...] = ()) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...] = (),
+        *,
+        is_conv_layer: Callable[[nn.Module], bool],
+    ) -> None:
         super().__init__()
         self._model = model
         self._names: dict[int, str] = {}
@@ -286,3 +298,32 @@ class OpRecorder(TorchDispatchMode):
                     module_params[op.module] = own
         params = sum(p.numel() for p in self._model.parameters())
         return OpCounts(ops=ops, params=params, module_params=module_params)
+
+
+def record_ops(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    is_conv_layer: Callable[[nn.Module], bool],
+) -> tuple[Any, OpRecorder]:
+    """Run ``model(example)`` once, in eval mode under ``no_grad``, with an
+    :class:`OpRecorder` watching; the model is left in the mode it was in.
+
+    Returns the output and the recorder (``counts()``, ``conv_calls``, ...).
+
+    Raises:
+        DynifyError: the model fails on the example: one line naming the input size and
+            the model's error, which is kept as the cause.
+    """
+    recorder = OpRecorder(model, (example,), is_conv_layer=is_conv_layer)
+    try:
+        with torch.no_grad(), evaluating(model), recorder:
+            output = model(example)
+    except Exception as err:
+        size = tuple(example.shape[1:])
+        message = shorten(str(err), _MESSAGE_LIMIT)
+        raise DynifyError(
+            f"the model does not run on an input of size {size}: {type(err).__name__}"
+            + (f": {message}" if message else "")
+        ) from err
+    return output, recorder

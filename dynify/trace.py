@@ -19,11 +19,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from dynify._modes import evaluating
-from dynify._opcount import OpCounts, OpRecorder
+from dynify._opcount import OpCounts, record_ops
 from dynify.errors import DynifyError, quoted, shorten
 from dynify.layers import DynamicConv2d
-from dynify.layers.conv_variants import conversion_kind, is_conv
+from dynify.layers.conv_variants import conversion_kind, is_conv, is_conv_layer
 
 __all__ = [
     "MAX_CHANNELS",
@@ -387,15 +386,8 @@ def _observe(
     for feature in features:
         handles.append(modules[feature].register_forward_hook(feature_post(feature)))
 
-    recorder = OpRecorder(model, (example,))
     try:
-        with torch.no_grad(), evaluating(model), recorder:
-            seen.output = model(example)
-    except Exception as err:
-        message = str(err).splitlines()[0] if str(err) else ""
-        raise DynifyError(
-            f"the model does not run on an input of size {size}: {type(err).__name__}: {message}"
-        ) from err
+        seen.output, recorder = record_ops(model, example, is_conv_layer=is_conv_layer)
     finally:
         for h in handles:
             h.remove()

@@ -293,3 +293,30 @@ def test_wheel_carries_the_bundled_recipes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     where, source = proc.stdout.split()
     assert where.startswith(str(target)) and source.startswith(str(target / "dynify" / "_bundled"))
+
+
+def test_convert_and_inspect_share_their_model_arguments() -> None:
+    import argparse
+
+    from dynify.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+
+    def model_args(command: str) -> dict[str, tuple]:
+        shared = {"model", "recipe", "pretrained", "checkpoint", "num_classes", "input_size"}
+        return {
+            a.dest: (tuple(a.option_strings), a.default, a.metavar, type(a).__name__)
+            for a in sub.choices[command]._actions
+            if a.dest in shared
+        }
+
+    convert, inspect = model_args("convert"), model_args("inspect")
+    assert len(convert) == 6
+    assert {k: v for k, v in convert.items() if k != "model"} == {
+        k: v for k, v in inspect.items() if k != "model"
+    }
+    for command in ("convert", "inspect"):  # --pretrained and --checkpoint exclude each other
+        with pytest.raises(SystemExit):
+            sub.choices[command].parse_args(["resnet18", "--pretrained", "--checkpoint", "x"])
+    with pytest.raises(SystemExit):  # and --from, for convert
+        sub.choices["convert"].parse_args(["--pretrained", "--from", "a.safetensors"])

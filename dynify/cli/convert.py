@@ -4,37 +4,67 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
+from typing import Any
 
 HELP = "convert a timm model's convs to dynamic convolutions and write an artifact"
+RECIPE_HELP = "recipe YAML file or bundled name (dycnn, mobile, condconv, all); default: dycnn"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "convert",
-        help=HELP,
-        description=(
-            f"{HELP[0].upper()}{HELP[1:]}. Prints the per-layer plan, checks that the converted "
-            "model computes what the original did, and writes the weights, the timm name and "
-            "the plan to one .safetensors file (rebuild it with dynify.load or --from)."
-        ),
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, help: str, details: str
+) -> argparse.ArgumentParser:
+    """The parser of command ``name``: ``help`` in the command list; the description is
+    ``help`` as a sentence, then ``details``."""
+    return subparsers.add_parser(
+        name, help=help, description=f"{help[0].upper()}{help[1:]}. {details}"
     )
-    p.add_argument("model", nargs="?", help="timm model name, e.g. resnet50")
-    p.add_argument(
-        "--recipe",
-        default=None,
-        help="recipe YAML file or bundled name (dycnn, mobile, condconv, all); default: dycnn",
-    )
+
+
+def add_model_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    model_help: str,
+    input_size_help: str,
+    optional: bool = False,
+    more_sources: Sequence[tuple[str, dict[str, Any]]] = (),
+) -> None:
+    """The arguments of a command that builds a timm model and plans its conversion: the
+    model (``optional``: may be left out), ``--recipe``, where the weights come from
+    (``--pretrained``, ``--checkpoint`` and ``more_sources``, ``(flag, add_argument
+    keywords)``, one of them at most), ``--num-classes`` and ``--input-size``."""
+    p.add_argument("model", nargs="?" if optional else None, help=model_help)
+    p.add_argument("--recipe", default=None, help=RECIPE_HELP)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pretrained", action="store_true", help="start from timm's weights")
     src.add_argument("--checkpoint", metavar="FILE", help="start from these weights")
-    src.add_argument(
-        "--from",
-        dest="from_artifact",
-        metavar="ARTIFACT",
-        help="rebuild an existing artifact instead of converting a model",
-    )
+    for flag, kwargs in more_sources:
+        src.add_argument(flag, **kwargs)
     p.add_argument("--num-classes", type=int, default=None, metavar="N")
-    p.add_argument("--input-size", default=None, metavar="C,H,W", help="example input size")
+    p.add_argument("--input-size", default=None, metavar="C,H,W", help=input_size_help)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = add_command(
+        subparsers,
+        "convert",
+        HELP,
+        "Prints the per-layer plan, checks that the converted model computes what the "
+        "original did, and writes the weights, the timm name and the plan to one "
+        ".safetensors file (rebuild it with dynify.load or --from).",
+    )
+    rebuild = {
+        "dest": "from_artifact",
+        "metavar": "ARTIFACT",
+        "help": "rebuild an existing artifact instead of converting a model",
+    }
+    add_model_arguments(
+        p,
+        model_help="timm model name, e.g. resnet50",
+        input_size_help="example input size",
+        optional=True,
+        more_sources=[("--from", rebuild)],
+    )
     p.add_argument(
         "--output",
         default=None,

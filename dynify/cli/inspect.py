@@ -4,33 +4,26 @@ from __future__ import annotations
 
 import argparse
 
+from dynify.cli.convert import add_command, add_model_arguments
+
 HELP = "show a model's convs and their cost (MACs, FLOPs, params) before and after conversion"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "inspect",
-        help=HELP,
-        description=(
-            f"{HELP[0].upper()}{HELP[1:]}. Counts are analytic (from the traced shapes) and "
-            "per image unless --batch-size is given; FLOPs = 2 x MACs. FLOPs measured with "
-            "torch's FlopCounterMode are shown beside them."
-        ),
+        HELP,
+        "Counts are analytic (from the traced shapes) and per image unless --batch-size is "
+        "given; FLOPs = 2 x MACs. FLOPs measured with torch's FlopCounterMode are shown "
+        "beside them.",
     )
-    p.add_argument(
-        "model",
-        help="timm model name, e.g. resnet50, or a .safetensors artifact (its plan and weights)",
+    add_model_arguments(
+        p,
+        model_help="timm model name, e.g. resnet50, or a .safetensors artifact (its plan and "
+        "weights)",
+        input_size_help="default: the model's",
     )
-    p.add_argument(
-        "--recipe",
-        default=None,
-        help="recipe YAML file or bundled name (dycnn, mobile, condconv, all); default: dycnn",
-    )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--pretrained", action="store_true", help="use timm's pretrained weights")
-    src.add_argument("--checkpoint", metavar="FILE", help="load these weights")
-    p.add_argument("--num-classes", type=int, default=None, metavar="N")
-    p.add_argument("--input-size", default=None, metavar="C,H,W", help="default: the model's")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="default: 1")
     p.add_argument(
         "--device", default=None, help="where FLOPs and latency are measured (default: cuda if any)"
@@ -75,39 +68,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _conv_rows(plan, before, after, *, show_all: bool) -> list[list[str]]:
-    from dynify.cost import format_count
-
-    rows = []
-    for lp in plan.layers:
-        s = lp.site
-        if s.unsupported is not None and not show_all:
-            continue
-        kh, kw = s.kernel_size
-        conv = f"{s.in_channels}->{s.out_channels} {kh}x{kw}/{s.stride[0]}"
-        if s.groups > 1:
-            conv += " dw" if s.depthwise else f" g{s.groups}"
-        b, a = before.row(s.name), after.row(s.name)
-        rows.append(
-            [
-                s.name,
-                conv,
-                "x".join(map(str, s.input_shape)) if s.input_shape else "?",
-                lp.kind,
-                str(lp.settings.experts) if lp.convert else "-",
-                format_count(b.macs),
-                format_count(a.macs),
-                f"{b.params:,}",
-                f"{a.params:,}",
-            ]
-        )
-    return rows
-
-
 def _print_plan(label: str, plan, args: argparse.Namespace):
     """The per-conv table of ``plan``; returns its static and converted cost reports."""
     from dynify import cost
-    from dynify._table import format_table
 
     before = cost.count(plan, batch_size=args.batch_size, static=True)
     after = cost.count(plan, batch_size=args.batch_size)
@@ -117,9 +80,7 @@ def _print_plan(label: str, plan, args: argparse.Namespace):
         f"{label} recipe {plan.recipe}, input {size}, {per}; "
         f"{len(plan.converted)}/{len(plan.layers)} convs dynamic"
     )
-    header = ["layer", "conv", "input", "kind", "K", "MACs", "MACs after", "params",
-              "params after"]  # fmt: skip
-    print(format_table(header, _conv_rows(plan, before, after, show_all=args.all)))
+    print(cost.format_layers(plan, before, after, show_all=args.all))
     print()
     return before, after
 
@@ -180,13 +141,7 @@ def run(args: argparse.Namespace) -> int:
     print(cost.format_totals(before, after, measured=measured, device=str(device), latency=timing))
     print(cost.EXTRA_NOTE)
     if budget is not None:
-        if budget.kind == "latency":
-            assert timing is not None
-            fits = [timing.static.median <= budget.value, timing.converted.median <= budget.value]
-        else:
-            fits = [budget.fits(before), budget.fits(after)]
-        verdict = {True: "fits", False: "does not fit"}
-        print(f"budget {budget}: static {verdict[fits[0]]}, converted {verdict[fits[1]]}")
+        print(cost.check_budget(budget, before, after, latency=timing))
     return 0
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from dynify.layers.dynamic_conv import DynamicConv2d
 from dynify.layers.dynamic_conv_same import DynamicConv2dSame
 
-__all__ = ["conversion_kind", "effective_weight", "is_conv"]
+__all__ = ["conversion_kind", "effective_weight", "is_conv", "is_conv_layer"]
 
 # timm's Conv2d subclasses whose forward dynify reproduces exactly.
 _SUPPORTED = (Conv2dSame, StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
@@ -36,6 +36,12 @@ def is_conv(module: nn.Module) -> bool:
     """A module the trace reports: any ``nn.Conv2d`` (timm subclasses included), or timm's
     CondConv2d (already dynamic, reported so the plan says why it is left alone)."""
     return isinstance(module, nn.Conv2d | CondConv2d)
+
+
+def is_conv_layer(module: nn.Module) -> bool:
+    """A module the cost model counts as one convolution layer: a conv the trace reports,
+    or a dynamic layer that replaced one (its inner ops are priced as the layer's)."""
+    return is_conv(module) or isinstance(module, DynamicConv2d)
 
 
 def _same_pad(module: nn.Module) -> bool:

@@ -12,7 +12,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +21,7 @@ from torch import nn
 
 from dynify._device import resolve_device
 from dynify.errors import DynifyError
+from dynify.trace import check_input_size
 
 __all__ = [
     "LatencyComparison",
@@ -140,18 +141,48 @@ def _check(
     input_size, batch_size: int, warmup: int, repeats: int, clock: str, device: torch.device
 ) -> tuple[int, ...]:
     if clock not in ("wall", "thread"):
-        raise DynifyError(f"clock must be 'wall' or 'thread', got {clock!r}")
+        raise DynifyError(f"clock must be 'wall' or 'thread', got {clock!r}", arguments=("clock",))
     if clock == "thread" and device.type != "cpu":
-        raise DynifyError(f"clock='thread' times CPU work only, not {device.type}")
-    size = tuple(int(v) for v in input_size)
-    if len(size) != 3 or any(v <= 0 for v in size):
-        raise DynifyError(f"input size must be three positive integers C,H,W, got {input_size}")
+        raise DynifyError(
+            f"clock='thread' times CPU work only, not {device.type}", arguments=("clock",)
+        )
+    size = check_input_size(input_size)
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise DynifyError(
             f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, "
-            f"{warmup}"
+            f"{warmup}",
+            arguments=("batch_size", "repeats", "warmup"),
         )
     return size
+
+
+def _time_interleaved(
+    models: tuple[nn.Module, ...],
+    input_size: tuple[int, int, int],
+    device: str | torch.device | None,
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    clock: Clock,
+) -> tuple[LatencyResult, ...]:
+    """Time ``models`` on one input, round by round: each round runs every model once, the
+    order rotating from round to round, so that load from other processes hits all alike."""
+    dev = resolve_device(device)
+    size = _check(input_size, batch_size, warmup, repeats, clock, dev)
+    with ExitStack() as stack:
+        placed = [stack.enter_context(_on_device(m, dev)) for m in models]
+        stack.enter_context(torch.inference_mode())
+        x = example_input(placed[0], size, batch_size)
+        runs = [_timer(m, x, clock) for m in placed]
+        for _ in range(warmup):
+            for run in runs:
+                run()
+        times: list[list[float]] = [[] for _ in runs]
+        for i in range(repeats):
+            for j in range(len(runs)):
+                k = (i + j) % len(runs)
+                times[k].append(runs[k]())
+    return tuple(LatencyResult(tuple(t), str(dev), batch_size, clock) for t in times)
 
 
 def latency(
@@ -171,15 +202,8 @@ def latency(
     wall clock: with ``torch.set_num_threads(1)`` that is the pass's compute time, which
     other processes' load on a shared machine barely changes.
     """
-    dev = resolve_device(device)
-    size = _check(input_size, batch_size, warmup, repeats, clock, dev)
-    with _on_device(model, dev) as m, torch.inference_mode():
-        x = example_input(m, size, batch_size)
-        run = _timer(m, x, clock)
-        for _ in range(warmup):
-            run()
-        times = tuple(run() for _ in range(repeats))
-    return LatencyResult(times, str(dev), batch_size, clock)
+    (result,) = _time_interleaved((model,), input_size, device, batch_size, warmup, repeats, clock)
+    return result
 
 
 def compare_latency(
@@ -195,28 +219,8 @@ def compare_latency(
 ) -> LatencyComparison:
     """Time two models side by side: each round runs both on the same input, alternating
     which goes first; ``result.ratio`` is the median per-round converted / static.
-    ``clock`` as for :func:`latency`."""
-    dev = resolve_device(device)
-    size = _check(input_size, batch_size, warmup, repeats, clock, dev)
-    with (
-        _on_device(static, dev) as a,
-        _on_device(converted, dev) as b,
-        torch.inference_mode(),
-    ):
-        x = example_input(a, size, batch_size)
-        run_a, run_b = _timer(a, x, clock), _timer(b, x, clock)
-        for _ in range(warmup):
-            run_a()
-            run_b()
-        times_a, times_b = [], []
-        for i in range(repeats):
-            if i % 2 == 0:
-                times_a.append(run_a())
-                times_b.append(run_b())
-            else:
-                times_b.append(run_b())
-                times_a.append(run_a())
-    return LatencyComparison(
-        LatencyResult(tuple(times_a), str(dev), batch_size, clock),
-        LatencyResult(tuple(times_b), str(dev), batch_size, clock),
+    Arguments as for :func:`latency`."""
+    a, b = _time_interleaved(
+        (static, converted), input_size, device, batch_size, warmup, repeats, clock
     )
+    return LatencyComparison(a, b)

@@ -1,0 +1,264 @@
+"""Pricing a plan layer by layer from its trace's op counts, without building anything.
+
+A plan's ``op_counts`` (every counted op of the trace's example pass, per module) are
+indexed once per :class:`~dynify._opcount.OpCounts` instance: per conv layer and per other
+module, with the MACs that scale with the batch apart from the fixed ones. A planned conv
+is then priced from its shapes: as it is when it stays static, by the dynamic layer's
+formula (:func:`dynamic_layer_cost`) when it converts. :func:`price` gives the totals only,
+the search's fast path; :func:`price_plan` the rows as well (what ``count(plan)`` reports).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from dynify._opcount import ATTENTION_OP_NAMES, CONV_OP_NAMES, OpCounts
+from dynify.cost.report import LayerCost, Totals
+from dynify.errors import DynifyError
+from dynify.layers._functional import runs_stacked
+from dynify.layers.attention import attention_hidden_width
+from dynify.plan import LayerPlan, Plan
+
+__all__ = [
+    "DynamicShape",
+    "Index",
+    "Priced",
+    "check_batch",
+    "dynamic_layer_cost",
+    "hw",
+    "index",
+    "price",
+    "price_plan",
+]
+
+
+# -- the static part of a trace, indexed once ---------------------------------------------
+
+
+@dataclass
+class Index:
+    """An ``OpCounts`` arranged for pricing: per conv layer and per other module."""
+
+    # conv layer -> (batched, fixed) MACs of everything counted inside it / of its convs only
+    layer_all: dict[str, tuple[int, int]]
+    layer_conv: dict[str, tuple[int, int]]
+    # other modules: (name, kind, batched, fixed, params)
+    rows: list[tuple[str, str, int, int, int]]
+    rows_batched: int
+    rows_fixed: int
+    rows_params: int
+
+    def other_rows(self, batch: int) -> list[LayerCost]:
+        """The modules outside conv layers that run counted ops, for ``batch`` images."""
+        return [LayerCost(name, kind, b * batch + f, p) for name, kind, b, f, p in self.rows]
+
+    def other_macs(self, batch: int) -> int:
+        return self.rows_batched * batch + self.rows_fixed
+
+
+_INDEX: weakref.WeakKeyDictionary[OpCounts, Index] = weakref.WeakKeyDictionary()
+
+
+def index(counts: OpCounts) -> Index:
+    """``counts`` indexed for pricing; built once per ``OpCounts`` and cached with it."""
+    cached = _INDEX.get(counts)
+    if cached is None:
+        cached = _INDEX[counts] = _build_index(counts)
+    return cached
+
+
+def _build_index(counts: OpCounts) -> Index:
+    layer_all: dict[str, list[int]] = {}
+    layer_conv: dict[str, list[int]] = {}
+    modules: dict[str, list[Any]] = {}
+    for op in counts.ops:
+        slot = 0 if op.batched else 1
+        if op.in_conv:
+            layer_all.setdefault(op.module, [0, 0])[slot] += op.macs
+            if op.op in CONV_OP_NAMES:
+                layer_conv.setdefault(op.module, [0, 0])[slot] += op.macs
+            continue
+        acc = modules.setdefault(op.module, [0, 0, set()])
+        acc[slot] += op.macs
+        acc[2].add(
+            "attention"
+            if op.op in ATTENTION_OP_NAMES
+            else "conv"
+            if op.op in CONV_OP_NAMES
+            else "matmul"
+        )
+    rows = [
+        (name, ",".join(sorted(kinds)), b, f, counts.module_params.get(name, 0))
+        for name, (b, f, kinds) in modules.items()
+    ]
+    return Index(
+        layer_all={k: (v[0], v[1]) for k, v in layer_all.items()},
+        layer_conv={k: (v[0], v[1]) for k, v in layer_conv.items()},
+        rows=rows,
+        rows_batched=sum(r[2] for r in rows),
+        rows_fixed=sum(r[3] for r in rows),
+        rows_params=sum(r[4] for r in rows),
+    )
+
+
+# -- dynamic layers -----------------------------------------------------------------------
+
+
+def hw(shape: tuple[int, ...] | None) -> tuple[int, int]:
+    """``(H, W)`` of a per-sample ``(C, H, W)`` shape; ``(0, 0)`` when it is unknown."""
+    return (shape[1], shape[2]) if shape is not None and len(shape) == 3 else (0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class DynamicShape:
+    """What the dynamic layer's formula reads of a layer (``weight_numel``: one expert's
+    kernel; ``hidden``: the attention's hidden width; ``input_hw``: the input map)."""
+
+    in_channels: int
+    out_channels: int
+    weight_numel: int
+    bias: bool
+    experts: int
+    hidden: int
+    input_hw: tuple[int, int]
+    groups: int
+
+    @classmethod
+    def of_plan(cls, lp: LayerPlan) -> DynamicShape:
+        """The layer ``lp`` would build."""
+        s, settings = lp.site, lp.settings
+        hidden = attention_hidden_width(s.in_channels, settings.reduction)
+        return cls(s.in_channels, s.out_channels, s.weight_numel, s.bias, settings.experts,
+                   hidden, hw(s.input_shape), s.groups)  # fmt: skip
+
+
+def dynamic_layer_cost(
+    name: str,
+    shape: DynamicShape,
+    *,
+    conv: int,
+    calls: int,
+    params: int,
+    batch: int,
+    rows: bool = True,
+) -> tuple[int, int, LayerCost | None]:
+    """(MACs, extra ops, row) of a dynamic layer: ``conv`` MACs of its convolution (the
+    static conv's, all calls and images), plus, per image and call (``calls`` = calls x
+    images), the matrix products ``dynamic_conv2d`` runs (the attention's two linear
+    layers, kernel mixing, bias mixing) and the extra elementwise ops. No row unless
+    ``rows``.
+
+    At ``batch`` > 1 a layer with a tiny output map runs the ``stacked`` formulation (see
+    ``dynify.layers._functional``): K convolutions and an output mix instead of kernel
+    mixing. Priced as it runs, so the count agrees with FlopCounterMode at any batch."""
+    k, numel = shape.experts, shape.weight_numel
+    fc1, fc2, mix = shape.in_channels * shape.hidden, shape.hidden * k, k * numel
+    bias_mix = k * shape.out_channels if shape.bias else 0
+    output_mix = 0
+    positions = conv // (calls * numel) if calls and numel else 0
+    if runs_stacked(batch, k, numel, positions, shape.groups):
+        conv, mix, output_mix = k * conv, 0, k * shape.out_channels * positions
+    h, w = shape.input_hw
+    pool = shape.in_channels * (h * w + 1)  # global average pool: C*H*W adds and C divides
+    activations = 2 * shape.hidden + 5 * k  # fc biases (h + K), ReLU (h), 1/T (K), softmax (3K)
+    macs = conv + (fc1 + fc2 + mix + bias_mix + output_mix) * calls
+    extra = (pool + activations) * calls
+    if not rows:
+        return macs, extra, None
+    parts = {
+        "conv": conv,
+        "attention_fc1": fc1 * calls,
+        "attention_fc2": fc2 * calls,
+        "kernel_mix": mix * calls,
+        "bias_mix": bias_mix * calls,
+    }
+    if output_mix:
+        parts["output_mix"] = output_mix * calls
+    extra_parts = {"pool": pool * calls, "activations": activations * calls}
+    return macs, extra, LayerCost(name, "dynamic", macs, params, extra, parts, extra_parts)
+
+
+# -- plans --------------------------------------------------------------------------------
+
+
+def check_batch(batch_size: int) -> int:
+    """``batch_size`` when it is a positive integer, else a :class:`DynifyError`."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DynifyError(
+            f"batch_size must be a positive integer, got {batch_size!r}",
+            arguments=("batch_size",),
+        )
+    return batch_size
+
+
+def _plan_layer(
+    lp: LayerPlan, idx: Index | None, batch: int, static: bool, rows: bool
+) -> tuple[int, int, int, LayerCost | None]:
+    """(MACs, params, extra ops, row) of one planned conv for ``batch`` images."""
+    s = lp.site
+    convert = lp.convert and not static
+    if idx is not None:
+        b, f = (idx.layer_conv if convert else idx.layer_all).get(s.name, (0, 0))
+        conv = b * batch + f
+    else:  # a plan without op counts: the conv from its shapes
+        out = s.output_shape
+        conv = s.weight_numel * out[1] * out[2] * s.calls * batch if out else 0
+    if not convert:
+        row = LayerCost(s.name, "conv", conv, s.params) if rows else None
+        return conv, s.params, 0, row
+    params = lp.params_after
+    macs, extra, row = dynamic_layer_cost(
+        s.name, DynamicShape.of_plan(lp), conv=conv, calls=s.calls * batch, params=params,
+        batch=batch, rows=rows,
+    )  # fmt: skip
+    return macs, params, extra, row
+
+
+@dataclass(frozen=True)
+class Priced:
+    """What :func:`price_plan` finds: totals, rows (empty unless asked for), and whether
+    the plan carried op counts (else only its convs are priced)."""
+
+    macs: int
+    params: int
+    extra_ops: int
+    rows: list[LayerCost]
+    complete: bool
+
+
+def price_plan(plan: Plan, *, batch: int, static: bool = False, rows: bool = True) -> Priced:
+    """Price ``plan`` for ``batch`` images (``static``: the unconverted model it was made
+    from); with ``rows``, one :class:`LayerCost` per conv and per other module."""
+    counts = plan.op_counts
+    idx = index(counts) if counts is not None else None
+    macs = params = extra = site_params = 0
+    out_rows = []
+    for lp in plan.layers:
+        m, p, e, row = _plan_layer(lp, idx, batch, static, rows)
+        macs += m
+        params += p
+        extra += e
+        site_params += lp.site.params
+        if row is not None:
+            out_rows.append(row)
+    if counts is not None and idx is not None:
+        macs += idx.other_macs(batch)
+        other = counts.params - site_params - idx.rows_params
+        params += idx.rows_params + other
+        if rows:
+            out_rows += idx.other_rows(batch)
+            if other:
+                out_rows.append(LayerCost("(other parameters)", "other", 0, other))
+    return Priced(macs, params, extra, out_rows, idx is not None)
+
+
+def price(plan: Plan, *, batch_size: int = 1, static: bool = False) -> Totals:
+    """Totals of ``plan`` without building rows: the search's fast path.
+
+    ``static=True`` prices the unconverted model the plan was made from.
+    """
+    batch = check_batch(batch_size)
+    priced = price_plan(plan, batch=batch, static=static, rows=False)
+    return Totals(priced.macs, priced.params, priced.extra_ops, batch)
