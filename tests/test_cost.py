@@ -642,7 +642,7 @@ def test_cli_inspect_latency_budget(capsys) -> None:
     [
         (("resnet5O",), "unknown model"),
         (("resnet18", "--budget", "600 MB"), "budget '600 MB'"),
-        (("resnet18", "--input-size", "3,32"), "input size"),
+        (("resnet18", "--input-size", "3,32"), "--input-size must be three integers"),
         (("resnet18", "--recipe", "dycn"), "recipe 'dycn'"),
     ],
 )
