@@ -73,6 +73,7 @@ from dynify._resources import locate
 from dynify._yaml import Doc, load_yaml_file
 from dynify.errors import DynifyError, quoted
 from dynify.layers.attention import ATTENTION_KINDS
+from dynify.layers.conv_variants import CONV_CLASSES
 from dynify.layers.dynamic_conv import EXPERT_INITS
 from dynify.schedule import SCHEDULE_SHAPES, SCHEDULE_UNITS, TemperatureSchedule
 from dynify.trace import ConvSite
@@ -93,16 +94,7 @@ __all__ = [
 DEFAULT_RECIPE = "dycnn"
 
 # Conv classes a ``type`` selector can name (what the trace reports as ``type_name``).
-CONV_TYPES: tuple[str, ...] = (
-    "Conv2d",
-    "Conv2dSame",
-    "Conv2dSameExport",
-    "StdConv2d",
-    "StdConv2dSame",
-    "ScaledStdConv2d",
-    "ScaledStdConv2dSame",
-    "CondConv2d",
-)
+CONV_TYPES: tuple[str, ...] = tuple(cls.__name__ for cls in CONV_CLASSES)
 
 SETTING_KEYS = (
     "convert",

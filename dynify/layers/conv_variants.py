@@ -19,17 +19,37 @@ from timm.layers import (
     StdConv2d,
     StdConv2dSame,
 )
+from timm.layers.conv2d_same import Conv2dSameExport
 from torch import nn
 
 from dynify.layers.dynamic_conv import DynamicConv2d
 from dynify.layers.dynamic_conv_same import DynamicConv2dSame
 
-__all__ = ["conversion_kind", "effective_weight", "is_conv", "is_conv_layer"]
+__all__ = [
+    "CONV_CLASSES",
+    "conversion_kind",
+    "effective_weight",
+    "is_conv",
+    "is_conv_layer",
+]
 
 # timm's Conv2d subclasses whose forward dynify reproduces exactly.
 _SUPPORTED = (Conv2dSame, StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 _STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 _KNOWN_FORWARDS = frozenset({nn.Conv2d.forward, *(cls.forward for cls in _SUPPORTED)})
+# The conv classes of torch and timm that the trace reports by name (a recipe's ``type``
+# selector accepts these names); timm's export variant of 'SAME' padding is reported but,
+# its forward being its own, left static.
+CONV_CLASSES: tuple[type[nn.Module], ...] = (
+    nn.Conv2d,
+    Conv2dSame,
+    Conv2dSameExport,
+    StdConv2d,
+    StdConv2dSame,
+    ScaledStdConv2d,
+    ScaledStdConv2dSame,
+    CondConv2d,
+)
 
 
 def is_conv(module: nn.Module) -> bool:
