@@ -80,8 +80,8 @@ def check_model_name(name: Any, *, where: str | None = None, plain: bool = False
         known = f"its tags: {', '.join(tags)}" if tags else f"{arch} has no pretrained tags"
         raise DynifyError(
             f"{prefix}unknown pretrained tag {quoted(tag)} of model {arch!r} ({known}); "
-            f"a tag only chooses which weights --pretrained downloads: give {arch!r} alone "
-            "otherwise"
+            f"a tag only chooses which pretrained weights are downloaded: give {arch!r} "
+            "alone otherwise"
         )
     shown = quoted(name)
     close = _close_names(name) if isinstance(name, str) and len(name) <= QUOTE_LIMIT else []
@@ -153,19 +153,23 @@ def create_model(
 
     check_model_name(name)
     if pretrained and checkpoint is not None:
-        raise DynifyError("give either --pretrained or --checkpoint, not both")
+        raise DynifyError(
+            "give either pretrained or checkpoint, not both", arguments=("pretrained", "checkpoint")
+        )
     if num_classes is not None:
         if not 1 <= num_classes <= MAX_COUNT:
             raise DynifyError(
-                f"num_classes must be from 1 to {MAX_COUNT:,} (--num-classes), got {num_classes:,}"
+                f"num_classes must be from 1 to {MAX_COUNT:,}, got {num_classes:,}",
+                arguments=("num_classes",),
             )
         kwargs["num_classes"] = num_classes
     offline = _hub_offline_setting() if pretrained else None
     if pretrained and offline is None and not hub_reachable():
         raise DynifyError(
             f"cannot get pretrained weights for {name!r}: the Hugging Face hub cannot be "
-            f"reached (no network?); pass --checkpoint FILE (weights downloaded elsewhere), "
-            f"or set HF_HUB_OFFLINE=1 to use weights already in the hub cache"
+            f"reached (no network?); pass checkpoint=FILE (weights downloaded elsewhere), "
+            f"or set HF_HUB_OFFLINE=1 to use weights already in the hub cache",
+            arguments=("checkpoint",),
         )
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -183,12 +187,13 @@ def create_model(
         if offline is not None:
             raise DynifyError(
                 f"cannot get pretrained weights for {name!r}: {offline} is set (offline) and "
-                f"they are not in the hub cache; pass --checkpoint FILE instead"
+                f"they are not in the hub cache; pass checkpoint=FILE instead",
+                arguments=("checkpoint",),
             ) from err
-        first_line = str(err).splitlines()[0] if str(err) else ""
         raise DynifyError(
             f"could not get pretrained weights for {name!r} ({type(err).__name__}: "
-            f"{shorten(first_line, 160)}); offline, use --checkpoint FILE instead"
+            f"{shorten(str(err), 160)}); offline, pass checkpoint=FILE instead",
+            arguments=("checkpoint",),
         ) from err
     if checkpoint is not None:
         load_checkpoint_into(model, checkpoint)
@@ -240,7 +245,8 @@ def load_checkpoint_into(model: nn.Module, path: str | os.PathLike[str]) -> None
         raise DynifyError(
             f"checkpoint {str(p)!r} does not fit {type(model).__name__}: "
             + ", ".join(parts)
-            + " (wrong model name, or --num-classes?)"
+            + " (wrong model name, or num_classes?)",
+            arguments=("num_classes",),
         )
     model.load_state_dict(state)
 
