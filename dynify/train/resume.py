@@ -57,12 +57,19 @@ def check_resumable(
     state = checkpoint.read(path)
     saved = state.get("settings", {})
     now = settings.record(distill=distill)
+    if "distill" in saved and bool(saved["distill"]) != distill:
+        was, asks = ("", "no ") if saved["distill"] else ("no ", "")
+        raise DynifyError(
+            f"checkpoint {str(path)!r} was written with {was}teacher, this run asks for "
+            f"{asks}teacher; resume with the same settings, or give another output",
+            arguments=listable(("teacher", "output"), path),
+        )
     for f in fields(FinetuneSettings):
         name = f.name
         if f.metadata["resume"] != SAME or name not in saved or saved[name] == now[name]:
             continue
-        if name.startswith("distill_") and not (distill or saved.get("distill")):
-            continue
+        if name.startswith("distill_") and not distill:
+            continue  # without a teacher they do nothing
         was, asks = _spell(name, saved[name]), _spell(name, now[name])
         # A switch is named as it is: the command line's flag for it may say its opposite.
         names = () if isinstance(now[name], bool) else (name,)
@@ -70,13 +77,6 @@ def check_resumable(
             f"checkpoint {str(path)!r} was written with {was}, this run asks {asks}; resume "
             f"with the same settings (only epochs may grow), or give another output",
             arguments=listable((*names, "epochs", "output"), path, saved[name], now[name]),
-        )
-    if "distill" in saved and bool(saved["distill"]) != distill:
-        was, asks = ("", "no ") if saved["distill"] else ("no ", "")
-        raise DynifyError(
-            f"checkpoint {str(path)!r} was written with {was}teacher, this run asks for "
-            f"{asks}teacher; resume with the same settings, or give another output",
-            arguments=listable(("teacher", "output"), path),
         )
     done = int(state.get("epoch", 0))
     if settings.epochs < done:
