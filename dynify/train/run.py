@@ -128,11 +128,11 @@ def finetune_to_artifact(
         label = Path(source).name.removesuffix(".safetensors")
     else:
         label = f"{source}-{'static' if plan_recipe is None else plan_recipe.label}"
-    output = Path("runs") / label if settings.output is None else Path(settings.output)
+    asked = Path("runs") / label if settings.output is None else settings.output
     try:
-        ensure_writable(output, what="output", folder=True)
+        output = ensure_writable(asked, what="output", folder=True)  # "" is refused
     except DynifyError as err:
-        raise DynifyError(str(err), arguments=listable(("output",), output)) from err
+        raise DynifyError(str(err), arguments=listable(("output",), asked)) from err
     # Subsets are finetune's to take (and its checkpoint's to record, so resume compares
     # them); here only the classes are needed.
     data = train_data.load_data(
