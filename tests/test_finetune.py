@@ -529,6 +529,8 @@ def test_every_field_has_a_resume_rule_and_epochs_alone_grows() -> None:
     with pytest.warns(DeprecationWarning, match="kept_on_resume"):
         old = dynify.train.loop.RESUME_KEYS
     assert set(old) == {*kept_on_resume(), "distill"}
+    with pytest.warns(DeprecationWarning, match="resume.METRICS_NAME"):
+        assert dynify.train.loop.METRICS_NAME == "metrics.json"
 
 
 BAD_SETTINGS = [

@@ -438,6 +438,7 @@ class _Run:
 
 
 def __getattr__(name: str) -> Any:
+    """Deprecated names of this module, before its split."""
     if name == "RESUME_KEYS":
         warnings.warn(
             "dynify.train.loop.RESUME_KEYS is deprecated: which settings a resumed run keeps "
@@ -446,9 +447,13 @@ def __getattr__(name: str) -> Any:
             stacklevel=2,
         )
         keys = kept_on_resume()
-        return (
-            *keys[: keys.index("distill_weight")],
-            "distill",
-            *keys[keys.index("distill_weight") :],
+        at = keys.index("distill_weight")  # the teacher's presence was recorded there
+        return (*keys[:at], "distill", *keys[at:])
+    if name == "METRICS_NAME":
+        warnings.warn(
+            "dynify.train.loop.METRICS_NAME is deprecated: use dynify.train.resume.METRICS_NAME",
+            DeprecationWarning,
+            stacklevel=2,
         )
+        return resume.METRICS_NAME
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
