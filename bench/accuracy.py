@@ -37,7 +37,7 @@ import torch
 
 import dynify
 from dynify.schedule import TemperatureSchedule
-from dynify.train import evaluate, finetune, load_data
+from dynify.train import FinetuneSettings, evaluate, finetune, load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             model = build(args.model, v, seed, args.img_size, args.init)
             start = time.perf_counter()
-            result = finetune(
-                model=model,
+            settings = FinetuneSettings(
                 data=train_data,
                 epochs=args.epochs,
                 batch_size=args.batch_size,
@@ -145,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 device="cpu",
                 progress=False,
             )
+            result = finetune(model, settings)
             train_s = time.perf_counter() - start
             final = evaluate(
                 model=result.model,

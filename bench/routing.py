@@ -27,7 +27,7 @@ import torch
 
 import dynify
 from dynify.schedule import TemperatureSchedule
-from dynify.train import finetune
+from dynify.train import FinetuneSettings, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar"
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 recipe["defaults"]["routing_std"] = std
             model = dynify.apply(model, recipe, input_size=(3, 32, 32), seed=seed)
             t0 = time.perf_counter()
-            result = finetune(
-                model=model,
+            settings = FinetuneSettings(
                 data=args.data,
                 epochs=args.epochs,
                 train_images=args.train_images,
@@ -92,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=False,
                 routing_images=512,
             )
+            result = finetune(model, settings)
             record = {
                 "variant": name,
                 "seed": seed,

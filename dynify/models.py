@@ -26,6 +26,7 @@ __all__ = [
     "hub_reachable",
     "load_checkpoint_into",
     "parse_input_size",
+    "state_dict_mismatch",
 ]
 
 # How long the connectivity check before a pretrained download waits for the hub: a
@@ -226,6 +227,21 @@ def load_checkpoint_into(model: nn.Module, path: str | os.PathLike[str]) -> None
     if not isinstance(state, dict):
         raise DynifyError(f"checkpoint {str(p)!r} does not hold a state_dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    mismatch = state_dict_mismatch(state, model)
+    if mismatch is not None:
+        raise DynifyError(
+            f"checkpoint {str(p)!r} does not fit {type(model).__name__}: {mismatch} "
+            "(wrong model name, or num_classes?)",
+            arguments=("num_classes",),
+        )
+    model.load_state_dict(state)
+
+
+def state_dict_mismatch(state: dict[str, Any], model: nn.Module) -> str | None:
+    """How ``state`` (a state dict) differs from ``model``'s in keys and shapes, as a
+    message's clause (``"2 missing (e.g. fc.bias), 1 of the wrong shape (e.g. fc.weight
+    (10, 8) vs (4, 8))"``); ``None`` when it has exactly the model's keys and shapes.
+    Values without a shape are compared by key only."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -234,21 +250,14 @@ def load_checkpoint_into(model: nn.Module, path: str | os.PathLike[str]) -> None
         for k, v in own.items()
         if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
     ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            parts.append(f"{len(wrong)} of the wrong shape (e.g. {wrong[0]})")
-        raise DynifyError(
-            f"checkpoint {str(p)!r} does not fit {type(model).__name__}: "
-            + ", ".join(parts)
-            + " (wrong model name, or num_classes?)",
-            arguments=("num_classes",),
-        )
-    model.load_state_dict(state)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        parts.append(f"{len(wrong)} of the wrong shape (e.g. {wrong[0]})")
+    return ", ".join(parts) or None
 
 
 def parse_input_size(text: str | Sequence[int] | None) -> tuple[int, int, int] | None:

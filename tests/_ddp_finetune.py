@@ -15,7 +15,7 @@ import torch
 from timm.layers import GroupNorm1
 
 import dynify
-from dynify.train import FinetuneResult, finetune
+from dynify.train import FinetuneResult, FinetuneSettings, finetune
 
 
 def build_model() -> torch.nn.Module:
@@ -31,8 +31,7 @@ def build_model() -> torch.nn.Module:
 
 
 def run(data: str, output: str) -> FinetuneResult:
-    return finetune(
-        model=build_model(),
+    settings = FinetuneSettings(
         data=data,
         epochs=2,
         batch_size=16,
@@ -44,6 +43,7 @@ def run(data: str, output: str) -> FinetuneResult:
         output=output,
         progress=False,
     )
+    return finetune(build_model(), settings)
 
 
 if __name__ == "__main__":

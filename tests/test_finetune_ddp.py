@@ -25,7 +25,10 @@ from _imagedata import write_splits
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
     data = write_splits(tmp_path / "data", train=16, val=8)  # 64 images: 4 updates per epoch
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    # The processes import the dynify under test (this checkout), not another installed one.
+    paths = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
+    paths += [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(paths))
     script = Path(__file__).with_name("_ddp_finetune.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = subprocess.run(

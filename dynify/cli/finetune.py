@@ -1,11 +1,15 @@
-"""``dynify finetune``: train a converted model (or an artifact) on an image data set."""
+"""``dynify finetune``: train a converted model (or an artifact) on an image data set.
+
+A thin shell over :func:`dynify.train.finetune_to_artifact`: the flags' argparse
+destinations are :class:`~dynify.train.FinetuneSettings` field names (built by one generic
+mapping, :func:`settings_from_args`) or the function's model options
+(:data:`~dynify.train.run.MODEL_OPTIONS`); what is printed at the end is the only output of
+its own.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dynify.cli import (
@@ -20,9 +24,7 @@ from dynify.cli import (
 )
 
 if TYPE_CHECKING:
-    from torch import nn
-
-    from dynify.train import Data
+    from dynify.train import FinetuneSettings
 
 HELP = "fine-tune a converted model (temperature schedule, optional distillation)"
 
@@ -71,7 +73,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--img-size", type=int, default=None, metavar="S", help="e.g. 32 for CIFAR")
     data.add_argument("--crop-pct", type=float, default=None, help="evaluation centre crop")
-    data.add_argument("--no-aug", action="store_true", help="no training augmentation")
+    data.add_argument(
+        "--no-aug", dest="augment", action="store_false", help="no training augmentation"
+    )
     data.add_argument(
         "--aug-scale",
         type=float,
@@ -132,7 +136,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--sync-bn", action="store_true", help="under torchrun on GPUs: global batch-norm stats"
     )
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--quiet", dest="progress", action="store_false", help="no progress bar or epoch lines"
+    )
     run.add_argument(
         "--routing-images",
         type=int,
@@ -168,117 +174,39 @@ LIMITS: dict[str, Limit] = {
 }
 
 
+# FinetuneSettings fields without a flag (Python only): the recipe sets the temperature per
+# layer; momentum and min_lr keep timm's usual values.
+PYTHON_ONLY: tuple[str, ...] = ("momentum", "min_lr", "temperature")
+
+
+def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
+    """The run's settings: every field but :data:`PYTHON_ONLY` from the flag of its name."""
+    from dataclasses import fields
+
+    from dynify.train import FinetuneSettings
+
+    names = [f.name for f in fields(FinetuneSettings) if f.name not in PYTHON_ONLY]
+    return FinetuneSettings(**{name: getattr(args, name) for name in names})
+
+
 def run_command(args: argparse.Namespace) -> int:
-    import copy
-
-    import torch
-
-    import dynify
-    from dynify._io import ensure_writable
-    from dynify.errors import DynifyError
-    from dynify.models import create_model
-    from dynify.train import TrainingDiverged, finetune, load_data
+    from dynify.errors import TrainingDiverged
+    from dynify.train import finetune_to_artifact
+    from dynify.train.distributed import is_primary_process
+    from dynify.train.run import MODEL_OPTIONS
 
     check_limits(args, LIMITS)
-    if args.aug_scale and args.aug_scale[0] > args.aug_scale[1]:
-        raise DynifyError(
-            f"--aug-scale {args.aug_scale[0]} {args.aug_scale[1]}: MIN must be <= MAX"
-        )
-    is_artifact = args.model.endswith(".safetensors")
-    if is_artifact and (args.recipe or args.static or args.pretrained or args.checkpoint):
-        raise DynifyError(
-            "--recipe, --static, --pretrained and --checkpoint apply to a timm MODEL; an "
-            "artifact is already converted and holds its weights"
-        )
-    if is_artifact and args.teacher:
-        raise DynifyError(
-            "--teacher needs the unconverted model: give the timm MODEL name (with "
-            "--pretrained or --checkpoint) instead of the artifact"
-        )
-    if args.static and args.teacher:
-        raise DynifyError("--teacher distils a converted model from the static one; drop --static")
-    recipe = None if is_artifact or args.static else dynify.load_recipe(args.recipe)
-    if is_artifact:
-        label = Path(args.model).name.removesuffix(".safetensors")
-    else:
-        label = f"{args.model}-{'static' if recipe is None else recipe.label}"
-    output = ensure_writable(
-        Path("runs") / label if args.output is None else args.output,
-        what="--output",
-        folder=True,
-    )
-    # Subsets are finetune's to take (and its checkpoint's to record, so --resume compares
-    # them); here only the classes are needed.
-    data = load_data(args.data, holdout=args.holdout, cache_dir=args.data_cache)
-    if args.num_classes is not None and not is_artifact and args.num_classes != data.num_classes:
-        raise DynifyError(
-            f"--num-classes {args.num_classes}: the data has {data.num_classes} classes "
-            f"({data.source}); give --num-classes {data.num_classes} or leave it out"
-        )
-    teacher = None
-    name = args.model
-    kwargs: dict = {}
-    if is_artifact:
-        from dynify.artifact import load, read_info
-
-        info = read_info(args.model)
-        model = load(args.model)
-        name, kwargs = info["model_name"], dict(info["model_kwargs"])
-        model, kwargs = _fit_classifier(model, name, kwargs, args=args, data=data)
-    else:
-        kwargs = {"num_classes": data.num_classes}
-        torch.manual_seed(args.seed)
-        model = create_model(
-            args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs
-        )
-        if args.teacher:
-            teacher = copy.deepcopy(model)
-        if recipe is not None:
-            size = None if args.img_size is None else (3, args.img_size, args.img_size)
-            model = dynify.apply(model, recipe, input_size=size, inplace=True, seed=args.seed)
-    primary = int(os.environ.get("RANK", "0")) == 0
+    settings = settings_from_args(args)  # refuses bad values before any work
+    options = {name: getattr(args, name) for name in MODEL_OPTIONS}
     try:
-        result = finetune(
-            model=model,
-            data=data,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            opt=args.opt,
-            weight_decay=args.weight_decay,
-            sched=args.sched,
-            warmup_epochs=args.warmup_epochs,
-            smoothing=args.smoothing,
-            clip_grad=args.clip_grad,
-            img_size=args.img_size,
-            crop_pct=args.crop_pct,
-            augment=not args.no_aug,
-            aug_scale=tuple(args.aug_scale) if args.aug_scale else None,
-            teacher=teacher,
-            distill_weight=args.distill_weight,
-            distill_temperature=args.distill_temperature,
-            output=output,
-            resume=args.resume,
-            device=args.device,
-            amp=args.amp,
-            channels_last=args.channels_last,
-            sync_bn=args.sync_bn,
-            seed=args.seed,
-            workers=args.workers,
-            train_images=args.train_images,
-            val_images=args.val_images,
-            holdout=args.holdout,
-            data_cache=args.data_cache,
-            progress=not args.quiet,
-            routing_images=args.routing_images,
-        )
-    except TrainingDiverged as err:
-        if primary:
-            print(f"dynify finetune: {err}", file=sys.stderr)
-        return 1
-    if not primary:
+        outcome = finetune_to_artifact(args.model, settings, **options)
+    except TrainingDiverged:
+        if not is_primary_process():  # every process stops; rank 0 says why
+            return 1
+        raise
+    if not outcome.primary:
         return 0
-    model = result.model.cpu()
+    result = outcome.result
     line = (
         f"done: {result.epochs} epochs, val top-1 {result.top1:.2f}% top-5 {result.top5:.2f}% "
         f"(best top-1 {result.best_top1:.2f}%)"
@@ -294,50 +222,8 @@ def run_command(args: argparse.Namespace) -> int:
             f"predictions flip with every attention frozen at its mean), entropy "
             f"{routing['entropy']:.3f} (1 = uniform), expert spread {routing['expert_spread']:.4f}"
         )
-    try:
-        dynify.plan_of(model)
-    except DynifyError:
-        print(f"static model: its weights are in {output / 'checkpoint.pth'} ('model' entry)")
-        return 0
-    target = output / "model.safetensors"
-    extra = {"finetune": {k: v for k, v in result.history[-1].items()}}
-    dynify.save(model, target, model_name=name, model_kwargs=kwargs, extra=extra)
-    print(f"wrote {target}")
+    if outcome.artifact is None:
+        print(f"static model: its weights are in {outcome.checkpoint} ('model' entry)")
+    else:
+        print(f"wrote {outcome.artifact}")
     return 0
-
-
-def _fit_classifier(
-    model: nn.Module, name: str, kwargs: dict, *, args: argparse.Namespace, data: Data
-) -> tuple[nn.Module, dict]:
-    """An artifact's model and timm arguments with as many classes as the data: with
-    ``--num-classes`` its classifier is replaced (timm's ``reset_classifier``), without
-    it a mismatch is refused naming the flag."""
-    from dynify.errors import DynifyError
-
-    has = getattr(model, "num_classes", None)
-    if args.num_classes is None:
-        if isinstance(has, int) and has != data.num_classes:
-            raise DynifyError(
-                f"the artifact {args.model!r} classifies {has} classes, the data has "
-                f"{data.num_classes} ({data.source}); give --num-classes {data.num_classes} to "
-                f"replace its classifier"
-            )
-        return model, kwargs
-    if args.num_classes != data.num_classes:
-        raise DynifyError(
-            f"--num-classes {args.num_classes}: the data has {data.num_classes} classes "
-            f"({data.source}); give --num-classes {data.num_classes}"
-        )
-    if has == args.num_classes:
-        return model, kwargs
-    if not callable(getattr(model, "reset_classifier", None)):
-        raise DynifyError(
-            f"--num-classes: {name} has no reset_classifier to replace its {has}-class classifier"
-        )
-    model.reset_classifier(args.num_classes)
-    weights = "from the checkpoint" if args.resume else "untrained"
-    print(
-        f"replaced the artifact's {has}-class classifier by a new {args.num_classes}-class "
-        f"one (reset_classifier; its weights: {weights})"
-    )
-    return model, {**kwargs, "num_classes": args.num_classes}

@@ -1,4 +1,4 @@
-"""Training checkpoints: everything ``--resume`` needs to continue exactly, written atomically.
+"""Training checkpoints: everything ``resume`` needs to continue exactly, written atomically.
 
 One file, ``OUTPUT/checkpoint.pth``, replaced at the end of every epoch (temporary name, then
 rename: a crash or a NaN never leaves a half-written or bad checkpoint under that name). It
@@ -19,6 +19,8 @@ from torch import nn
 
 from dynify._io import atomic_torch_save
 from dynify.errors import DynifyError
+from dynify.models import state_dict_mismatch
+from dynify.train._messages import listable
 
 __all__ = ["CHECKPOINT_NAME", "FORMAT", "check_fits", "read", "write"]
 
@@ -36,8 +38,9 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise DynifyError(
-            f"nothing to resume: {str(p)!r} does not exist (run without --resume to start, "
-            f"or point --output at the run to continue)"
+            f"nothing to resume: {str(p)!r} does not exist (start a new run, or point output "
+            f"at the run to continue)",
+            arguments=listable(("output",), p),
         )
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
@@ -45,7 +48,7 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DynifyError(
             f"checkpoint {str(p)!r} could not be read ({type(err).__name__}); expected a "
             f"{CHECKPOINT_NAME} written by dynify finetune"
-        ) from None
+        ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise DynifyError(
@@ -57,23 +60,10 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def check_fits(state: dict[str, torch.Tensor], model: nn.Module, path: str | os.PathLike) -> None:
     """Raise a one-line error unless ``state`` has exactly ``model``'s keys and shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            parts.append(f"{len(wrong)} of the wrong shape (e.g. {wrong[0]})")
+    mismatch = state_dict_mismatch(state, model)
+    if mismatch is not None:
         raise DynifyError(
-            f"checkpoint {str(path)!r} does not fit this model: {', '.join(parts)} (another "
-            f"model, recipe or class count; resume with the same MODEL and --recipe)"
+            f"checkpoint {str(path)!r} does not fit this model: {mismatch} (another model, "
+            f"class count or recipe: resume with the same model and recipe)",
+            arguments=listable(("recipe",), path, mismatch),
         )

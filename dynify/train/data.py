@@ -91,7 +91,7 @@ def load_data(
     download: bool = True,
     split_seed: int = 0,
 ) -> Data:
-    """Resolve ``--data`` to a :class:`Data`.
+    """Resolve ``data`` (``dynify finetune --data``) to a :class:`Data`.
 
     Args:
         spec: see the module documentation; a :class:`Data` is passed through (subsets
@@ -130,10 +130,13 @@ def sample_images(ds: Dataset, n: int, *, seed: int = 0) -> Dataset:
 def _subset(ds: Dataset, n: int | None, what: str, seed: int) -> Dataset:
     if n is None or n == len(ds):
         return ds
+    named = (what,) if what in ("train_images", "val_images") else ()
     if n < 1:
-        raise DynifyError(f"{what} must be >= 1, got {n}")
+        raise DynifyError(f"{what} must be >= 1, got {n}", arguments=named)
     if n > len(ds):
-        raise DynifyError(f"{what}={n:,} is more than the {len(ds):,} images available")
+        raise DynifyError(
+            f"{what}={n:,} is more than the {len(ds):,} images available", arguments=named
+        )
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
     return Subset(ds, sorted(order[:n].tolist()))
 
@@ -404,8 +407,9 @@ def make_loaders(
     train_ds = _Transformed(data.train, train_tf, seed=seed if augment else None)
     if len(train_ds) < batch_size * world_size:
         raise DynifyError(
-            f"batch size {batch_size * world_size} is larger than the {len(train_ds):,} "
-            f"training images; lower --batch-size"
+            f"batch_size {batch_size * world_size} is larger than the {len(train_ds):,} "
+            f"training images; lower batch_size",
+            arguments=("batch_size",),
         )
     sampler = DistributedSampler(
         train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False

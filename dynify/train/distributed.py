@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from dynify._device import resolve_device
 
-__all__ = ["Processes", "resolve_device", "start_processes"]
+__all__ = ["Processes", "is_primary_process", "resolve_device", "start_processes"]
 
 
 @dataclass
@@ -74,3 +74,11 @@ def start_processes(device: str | torch.device | None) -> Processes:
         int(info["world_size"]),
         owns_group=True,
     )
+
+
+def is_primary_process() -> bool:
+    """Whether this process is rank 0 (of the started process group, else of ``RANK`` as
+    torchrun sets it; a lone process is): the one that writes files and reports."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
