@@ -1204,3 +1204,183 @@ def test_two_commands_started_together_on_a_fresh_folder_share_the_study(files, 
             assert p.returncode == 0, err
             assert "UNIQUE constraint" not in err and "already exists" not in err
         _check_shared_study(load(output), 3)
+
+
+# -- the package: its public API, its layout, its messages, the shared limits ----------------
+
+SEARCH = ROOT / "dynify" / "search"
+# The modules of dynify/search in the order they may import one another (docs/search.md).
+LAYOUT = [
+    "space", "settings", "storage", "data", "context", "sampling", "trials", "training",
+    "objective", "claims", "identity", "worker", "report", "progress", "run", "study",
+]  # fmt: skip
+
+
+def test_import_dynify_gives_the_search_and_its_public_api() -> None:
+    import importlib
+
+    import dynify.search.run
+    import dynify.search.study
+
+    package = importlib.import_module("dynify.search")
+    assert dynify.search is package
+    assert "search" in dir(package) and set(package.__all__) <= set(dir(package))
+    for name in package.__all__:
+        assert getattr(package, name) is not None, name
+    assert package.search is dynify.search.run.search
+    assert package.SearchSettings is SearchSettings is dynify.search.study.SearchSettings
+    # The names the former single module had still come from it, the same objects.
+    for name in ("prepare", "open_study", "run_worker", "plan_of_trial", "SearchContext"):
+        assert getattr(dynify.search.study, name) is getattr(package, name), name
+    for name in dynify.search.study.__all__:
+        assert getattr(dynify.search.study, name) is not None, name
+    with pytest.raises(AttributeError):
+        package.no_such_name  # noqa: B018
+
+
+def _dynify_imports(path: Path) -> tuple[list[str], list[str]]:
+    """The dynify modules ``path`` imports at its top level, and those imported elsewhere."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top, local = [], []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        names = [n for n in names if n == "dynify" or n.startswith("dynify.")]
+        (top if node in tree.body else local).extend(names)
+    return top, local
+
+
+def test_the_search_modules_import_one_way_at_their_top() -> None:
+    """Every module of dynify/search is in the layout; none imports a dynify module inside a
+    function, and each imports only the search modules before it in the layout."""
+    found = {p.stem for p in SEARCH.glob("*.py")} - {"__init__"}
+    assert found == set(LAYOUT), found ^ set(LAYOUT)
+    for index, name in enumerate(LAYOUT):
+        top, local = _dynify_imports(SEARCH / f"{name}.py")
+        assert local == [], (name, local)
+        below = {f"dynify.search.{m}" for m in LAYOUT[:index]}
+        for module in top:
+            if module.startswith("dynify.search.") and module.count(".") == 2:
+                assert module in below, f"{name} imports {module}, which is not above it"
+    # The command is a shell over the public API (and the settings' number parsing).
+    cli = (ROOT / "dynify" / "cli" / "search.py").read_text(encoding="utf-8")
+    assert "dynify.search.study" not in cli and "dynify.search.run" not in cli
+
+
+def test_search_messages_name_python_arguments_not_flags() -> None:
+    """No error or log message under dynify/search names a flag (``--trials``): they name
+    the Python argument and list it in ``arguments``; the command line writes the flag. Only
+    the rebuild command (a command line to run) holds flags."""
+    import ast
+    import re
+
+    for path in sorted(SEARCH.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            said = isinstance(node, ast.Raise) or (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("info", "warning", "error", "debug")
+            )
+            if not said:
+                continue
+            for leaf in ast.walk(node):
+                if isinstance(leaf, ast.Constant) and isinstance(leaf.value, str):
+                    assert not re.search(r"--[a-z]", leaf.value), (path.name, leaf.value)
+
+
+def test_a_bad_setting_names_the_python_argument(files, tmp_path: Path) -> None:
+    from dynify.search.settings import parse_number
+
+    with pytest.raises(DynifyError) as caught:
+        prepare(settings_for(files, tmp_path / "out", trials=0))
+    assert str(caught.value) == (
+        "trials 0: expected an integer >= 1 (the number to finish, over every process)"
+    )
+    assert caught.value.arguments == ("trials",)
+    with pytest.raises(DynifyError) as caught:
+        prepare(settings_for(files, tmp_path / "out", objectives=("params",)))
+    assert caught.value.arguments == ("objectives",) and "--" not in str(caught.value)
+    with pytest.raises(DynifyError) as caught:
+        parse_number("max_params", "lots")
+    assert str(caught.value).startswith("max_params 'lots': expected a number > 0")
+    assert caught.value.arguments == ("max_params",)
+    assert isinstance(caught.value.__cause__, DynifyError)  # the budget parser's message
+    assert (parse_number("max_params", "30M"), parse_number("trials", "7")) == (3e7, 7)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_note_names_python_arguments_and_the_command_its_flags(files, tmp_path) -> None:
+    space = tmp_path / "big.yaml"
+    space.write_text(space_yaml(train_images=20000).replace("val_images: 32", "val_images: 5000"))
+    ctx = prepare(settings_for(files, tmp_path / "out", space=str(space)))
+    (note,) = ctx.notes
+    assert note.endswith("(val_images and train_images choose)")
+    assert note.arguments == ("val_images", "train_images")
+
+
+def test_numeric_limits_have_one_definition() -> None:
+    """The command line's limits are dynify/_limits.py's, and so are the search settings'."""
+    import dynify._limits as limits
+    import dynify.cli as cli
+    from dynify.search.settings import NUMERIC_SETTINGS
+
+    for name in ("Limit", "check_limits", "COUNT", "NON_NEGATIVE", "SEED", "POSITIVE",
+                 "FRACTION", "SHARE"):  # fmt: skip
+        assert getattr(cli, name) is getattr(limits, name), name
+    shared = {id(getattr(limits, n)) for n in ("COUNT", "POSITIVE", "SEED")}
+    assert all(id(setting.limit) in shared for setting in NUMERIC_SETTINGS.values())
+    assert NUMERIC_SETTINGS["seed"].limit is limits.SEED
+    assert NUMERIC_SETTINGS["trials"].limit is limits.COUNT
+    with pytest.raises(DynifyError) as caught:
+        limits.check_value("seed", 2**32, limits.SEED, integer=True)
+    assert str(caught.value) == "seed 4294967296: expected an integer in [0, 4294967295]"
+    assert caught.value.arguments == ("seed",)
+    with pytest.raises(DynifyError) as caught:
+        limits.check_value("timeout", True, limits.POSITIVE)  # a bool is not a number here
+    assert caught.value.arguments == ("timeout",)
+    with pytest.raises(DynifyError) as caught:
+        limits.check_limits(SimpleNamespace(lr=[0.1, -1.0], none=None), {
+            "lr": limits.POSITIVE, "none": limits.COUNT})  # fmt: skip
+    assert (str(caught.value), caught.value.arguments) == ("lr must be > 0, got -1.0", ("lr",))
+
+
+def test_training_speed_times_the_steps_it_is_asked_for(files, tmp_path: Path) -> None:
+    """A deterministic check of the estimate's timing: one untimed step, then ``steps``; the
+    shared starting model is copied, never trained."""
+    from dynify.search.training import training_speed
+
+    ctx = prepare(settings_for(files, tmp_path / "out"))
+    before = {k: v.clone() for k, v in ctx.base.state_dict().items()}
+    forwards: list[int] = []
+    handle = ctx.base.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        speed = training_speed(ctx, steps=3)
+    finally:
+        handle.remove()
+    assert len(forwards) == 4 and speed > 0
+    after = ctx.base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_redaction_parses_the_url_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dynify.search.storage as storage
+
+    parses: list[str] = []
+    real = storage.make_url
+
+    def make_url(url):
+        parses.append(url)
+        return real(url)
+
+    monkeypatch.setattr(storage, "make_url", make_url)
+    url = f"postgresql://u:{SECRET}@h/db?password={SECRET}x"
+    text = storage.redact_text(f"cannot connect to {url} as u with {SECRET}", url)
+    assert SECRET not in text and "postgresql://u:***@h/db?password=***" in text
+    assert parses == [url]
