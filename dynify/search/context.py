@@ -21,10 +21,10 @@ from torch import nn
 import dynify.models
 import dynify.train
 from dynify import cost
-from dynify._budget import Budget, parse_budget
 from dynify._device import resolve_device
 from dynify._io import ensure_writable
 from dynify._resources import bundled_names
+from dynify.cost import Budget, parse_budget
 from dynify.errors import DynifyError
 from dynify.plan import Plan, resolve_plan
 from dynify.recipe import LayerSettings, Recipe, load_recipe

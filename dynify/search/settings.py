@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from dynify._budget import parse_budget
 from dynify._limits import COUNT, POSITIVE, SEED, Limit, check_value, expected
+from dynify.cost import parse_budget
 from dynify.errors import DynifyError
 
 __all__ = [
