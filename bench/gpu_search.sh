@@ -14,8 +14,11 @@
 #        dynify search test_resnet --space bench/gpu-search-space.yaml --budget 10MFLOPs
 #            --trials 3 --device cuda --data .device/cifar10-slice/train.tar
 #    (about 2-4 minutes: start-up, 3 one-epoch trials, the report), prints the summary and
-#    copies summary.json, trials.csv and the log to $OUT. Exits non-zero when the search
-#    fails, did not finish 3 trials, or its summary does not name a CUDA device.
+#    copies summary.json, trials.csv and the log (progress is on stderr, the summary on
+#    stdout: both are in it) to $OUT; then times the static model as the search's estimate
+#    does (dynify.search.training.training_speed) and checks that it leaves no CUDA memory
+#    reserved in the process. Exits non-zero when the search fails, did not finish 3 trials,
+#    its summary does not name a CUDA device, or the timing left memory reserved.
 # Record the output, with the card's name, in bench/README.md ("## Search (bench/search.py)").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +85,28 @@ finished = summary["trials"].get("COMPLETE", 0) + summary["trials"].get("PRUNED"
 device = summary.get("best", {}).get("device", "")
 print(f"check: {finished} finished trials, device {device!r}")
 sys.exit(0 if finished == 3 and device.startswith(sys.argv[2]) else 1)
+EOF
+    python3 - "$SLICE/train.tar" "$device" <<'EOF'
+import sys
+
+import torch
+
+from dynify.search import SearchSettings, prepare
+from dynify.search.training import training_speed
+
+data, device = sys.argv[1:]
+settings = SearchSettings(
+    budget="10MFLOPs", model="test_resnet", space="bench/gpu-search-space.yaml", data=data,
+    device=device, output="runs/gpu-search-run", progress=False,
+)
+ctx = prepare(settings)
+cuda = ctx.device.startswith("cuda")
+before = torch.cuda.memory_reserved(ctx.device) if cuda else 0
+speed = training_speed(ctx)
+after = torch.cuda.memory_reserved(ctx.device) if cuda else 0
+print(f"check: training_speed {speed:,.0f} images/s on {ctx.device}; CUDA memory reserved "
+      f"{before:,} -> {after:,} bytes")
+sys.exit(0 if after <= before else 1)
 EOF
 }
 

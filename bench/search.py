@@ -28,8 +28,7 @@ import torch
 from optuna.trial import TrialState
 
 from dynify.cost import format_count
-from dynify.search.run import search
-from dynify.search.study import SearchSettings
+from dynify.search import SearchSettings, search
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar"
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
     )
     start = time.monotonic()
-    outcome = search(settings)
+    outcome = search(settings)  # progress on stderr (dynify.logging)
     wall = time.monotonic() - start
     print(outcome.summary)
 

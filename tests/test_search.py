@@ -36,21 +36,23 @@ from optuna.trial import TrialState
 
 import dynify
 import dynify.models
-import dynify.search.study as study_module
+import dynify.search.claims as claims_module
+import dynify.search.objective as objective_module
 import dynify.train
 from dynify.cli import main
 from dynify.errors import DynifyError
 from dynify.recipe import load_recipe
-from dynify.search.report import _recipe_text
-from dynify.search.study import (
+from dynify.search import (
     SearchSettings,
-    make_storage,
     open_study,
     plan_key,
     plan_of_trial,
     prepare,
     run_worker,
 )
+from dynify.search.report import _recipe_text
+from dynify.search.sampling import static_params
+from dynify.search.storage import make_storage
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -117,26 +119,30 @@ def search_args(files: SimpleNamespace, output: Path, *extra: str, trials: int =
 @contextlib.contextmanager
 def counting_finetune():
     """Count the real training loop's calls (the search looks it up at call time), and the
-    models the search builds (``calls.built``)."""
+    models the search builds (``calls.built``; ``calls.plans``: the key of each one's plan)."""
     calls = Calls()
-    real_finetune, real_apply = dynify.train.finetune, study_module.apply
+    real_finetune, real_apply = dynify.train.finetune, objective_module.apply
 
     def finetune(**kwargs):
         calls.append(kwargs["epochs"])
         return real_finetune(**kwargs)
 
-    def apply(*args, **kwargs):
+    def apply(model, plan, *args, **kwargs):
         calls.built += 1
-        return real_apply(*args, **kwargs)
+        calls.plans.append(plan_key(plan))
+        return real_apply(model, plan, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dynify.train, "finetune", finetune)
-        mp.setattr(study_module, "apply", apply)
+        mp.setattr(objective_module, "apply", apply)
         yield calls
 
 
 class Calls(list):
-    built = 0
+    def __init__(self) -> None:
+        super().__init__()
+        self.built = 0
+        self.plans: list[str] = []
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:
@@ -173,13 +179,9 @@ def settings_for(files: SimpleNamespace, output: Path, **kw) -> SearchSettings:
 def run(files: SimpleNamespace) -> SimpleNamespace:
     output = files.root / "run"
     with counting_finetune() as calls:
-        start = time.monotonic()
         code, out, err = run_main(search_args(files, output))
-        seconds = time.monotonic() - start
     assert code == 0, err
-    return SimpleNamespace(
-        output=output, out=out, err=err, calls=calls, study=load(output), seconds=seconds
-    )
+    return SimpleNamespace(output=output, out=out, err=err, calls=calls, study=load(output))
 
 
 def test_presets_are_the_first_trials(run: SimpleNamespace) -> None:
@@ -201,13 +203,13 @@ def test_infeasible_plans_are_priced_not_trained(run: SimpleNamespace) -> None:
         assert t.state == TrialState.COMPLETE and t.constraints["budget"] > 0
         assert t.constraints["budget"] == pytest.approx(t.user_attrs["flops"] / 9.5e6 - 1)
         assert t.value == 0.0 and t.intermediate_values == {}
-        assert "top1_history" not in t.user_attrs
-        assert t.duration.total_seconds() < 3.0  # priced, never built or trained
+        assert "top1_history" not in t.user_attrs and "latency_ms" not in t.user_attrs
     trained = [t for t in trials if feasible(t) and "same_as" not in t.user_attrs]
-    # One model built and trained per feasible plan, none for plans over budget or seen before.
+    # One model built and trained per feasible plan, none for plans over budget or seen before:
+    # the plans built are exactly the trained trials' plans, in order, and no priced one.
     assert len(run.calls) == run.calls.built == len(trained) and set(run.calls) == {2}
-    slowest_priced = max(t.duration for t in over)
-    assert all(t.duration > slowest_priced for t in trained)
+    assert run.calls.plans == [t.user_attrs["plan"] for t in trained]
+    assert not {t.user_attrs["plan"] for t in over} & set(run.calls.plans)
 
 
 def test_feasible_trials_report_every_epoch(run: SimpleNamespace) -> None:
@@ -313,9 +315,12 @@ def test_run_folder_and_printed_summary(run: SimpleNamespace) -> None:
     for name in ("history.png", "pareto.png"):
         data = (run.output / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+    # Progress goes through dynify.logging (stderr); the summary is the command's stdout.
+    err = run.err
+    assert "0/8 trials done, device cpu" in err
+    assert "trial 0 (1/8) static: " in err and "trial 7 (8/8) " in err and "left" in err
     out = run.out
-    assert "0/8 trials done, device cpu" in out
-    assert "trial 0 (1/8) static: " in out and "trial 7 (8/8) " in out and "left" in out
+    assert out.startswith("search: test_resnet, budget ") and "trials done" not in out
     summary = out[out.index("search: test_resnet, budget ") :]
     first = summary.splitlines()[0]
     assert "space space, device cpu (" in first and first.endswith(", 1 thread)"), first
@@ -337,10 +342,10 @@ def test_rerun_resumes_without_repeating(run: SimpleNamespace, files, tmp_path: 
     with counting_finetune() as calls:
         code, out, err = run_main(search_args(files, output))
     assert code == 0, err
-    assert calls == [] and "8/8 trials done" in out
+    assert calls == [] and "8/8 trials done" in err
     with counting_finetune() as calls:
         code, out, err = run_main(search_args(files, output, trials=9))
-    assert code == 0, err
+    assert code == 0 and "trials done" not in out and "1/9 trials to run" not in out, err
     study = load(output)
     assert [(t.number, t.value, t.params) for t in study.trials[:8]] == before
     assert len(study.trials) == 9 and len(done(study)) == 9
@@ -423,7 +428,7 @@ def test_a_journal_file_study_runs_and_resumes(files, tmp_path: Path) -> None:
     journal = tmp_path / "shared" / "study.log"
     args = search_args(files, tmp_path / "out", "--storage", f"journal:{journal}", trials=3)
     args += ["--study", "shared-study"]
-    code, out, err = run_main(args)
+    code, _, err = run_main(args)
     assert code == 0, err
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -431,11 +436,11 @@ def test_a_journal_file_study_runs_and_resumes(files, tmp_path: Path) -> None:
     study = optuna.load_study(study_name="shared-study", storage=storage)
     assert len(done(study)) == 3 and len(study.trials) == 3
     assert [t.user_attrs.get("preset") for t in study.trials[:2]] == ["static", "mobile"]
-    assert f"storage journal:{journal}" in out and (tmp_path / "out" / "best.yaml").exists()
+    assert f"storage journal:{journal}" in err and (tmp_path / "out" / "best.yaml").exists()
     assert not (tmp_path / "out" / "study.db").exists()
     with counting_finetune() as calls:
-        code, out, err = run_main(args)
-    assert code == 0 and calls == [] and "3/3 trials done" in out, err
+        code, _, err = run_main(args)
+    assert code == 0 and calls == [] and "3/3 trials done" in err, err
 
 
 # -- refusals and exit codes -----------------------------------------------------------------
@@ -452,9 +457,10 @@ def test_a_budget_below_the_static_model_is_refused_before_training(files, tmp_p
     assert "(test_resnet at 3x32x32: 8.20 MFLOPs)" in lines[0]
     assert not output.exists()  # no study was even created
 
-    with pytest.raises(DynifyError, match="--max-params 100000 is below the static model's "
-                       "373,076 parameters"):  # fmt: skip
+    with pytest.raises(DynifyError, match="max_params 100000 is below the static model's "
+                       "373,076 parameters") as caught:  # fmt: skip
         prepare(settings_for(files, output, max_params=1e5))
+    assert caught.value.arguments == ("max_params",)
     assert not output.exists()
 
 
@@ -466,16 +472,16 @@ def test_a_budget_below_the_static_model_is_refused_before_training(files, tmp_p
         (["resnet_nope"], ["unknown model 'resnet_nope'"]),
         (["--space", "defualt"], ["did you mean 'default'?"]),
         (["--objectives", "params"], ["--objectives 'params'", "accuracy,params"]),
-        (["--trials", "0"], ["--trials 0: expected an integer >= 1 (finished trials to reach)"]),
+        (["--trials", "0"], ["--trials 0: expected an integer >= 1 (the number to finish,"]),
         (["--trials", "1e3"], ["--trials '1e3': expected an integer >= 1"]),
         (["--workers", "-1"], ["--workers -1: expected an integer >= 1 (worker processes)"]),
         (["--workers", "two"], ["--workers 'two': expected an integer >= 1"]),
         (["--timeout", "nan"], ["--timeout nan: expected a number > 0 (seconds)"]),
         (["--timeout", "-5"], ["--timeout -5.0: expected a number > 0 (seconds)"]),
         (["--max-params", "-5"], ["--max-params '-5': expected a number > 0", "e.g. 30M"]),
-        (["--seed", "-1"], ["--seed -1: expected an integer from 0 to 4294967295"]),
+        (["--seed", "-1"], ["--seed -1: expected an integer in [0, 4294967295]"]),
         (["--heartbeat", "0"], ["--heartbeat 0: expected an integer >= 1 (seconds)"]),
-        (["--epochs", "0"], ["--epochs 0: expected an integer >= 1 (epochs per trial)"]),
+        (["--epochs", "0"], ["--epochs 0: expected an integer >= 1 (training passes per"]),
         (["--train-images", "many"], ["--train-images 'many': expected an integer >= 1"]),
         (["--val-images", "-3"], ["--val-images -3: expected an integer >= 1 (held-out"]),
         (["--device", "tpu"], ["device 'tpu' is not a torch device"]),
@@ -584,8 +590,12 @@ def test_two_worker_processes_share_one_sqlite_study(files, tmp_path: Path) -> N
     _check_shared_study(study, 8)
     workers = {t.user_attrs["worker"] for t in done(study)}
     assert len(workers) == 2, workers  # both processes ran trials
-    assert "[worker 0] trial" in out and "[worker 1] trial" in out
-    assert "trials: 8 complete" in out or "pruned" in out
+    assert "[worker 0] trial" in err and "[worker 1] trial" in err
+    # The summary counts every trial of the shared study by state, 8 of them finished.
+    counts = {s: sum(t.state == s for t in study.trials) for s in TrialState}
+    assert counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] == 8
+    line = "trials: " + ", ".join(f"{n} {s.name.lower()}" for s, n in counts.items() if n)
+    assert f"\n{line}\n" in out, out
 
 
 def _states(db: Path) -> dict[int, str]:
@@ -625,7 +635,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_trials(files, tmp_path
 
     # The same command (same heartbeat) resumes.
     proc = _spawn(files, output, "--heartbeat", "1", trials=trials)
-    out, err = proc.communicate(timeout=900)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     study = load(output)
     after = {t.number: t for t in study.trials}
@@ -642,7 +652,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_trials(files, tmp_path
     _check_shared_study(study, trials, killed=(killed_number,))
     copies = [t for t in study.trials if "failed_trial" in t.system_attrs]
     assert copies == retries
-    assert f"{len(finished_before)}/{trials} trials done" in out
+    assert f"{len(finished_before)}/{trials} trials done" in err
 
 
 def _postgres_url() -> str:
@@ -678,8 +688,8 @@ def test_two_machines_share_one_postgresql_study(files, tmp_path: Path) -> None:
         _check_shared_study(study, 8)
         workers = {t.user_attrs["worker"] for t in done(study)}
         assert len(workers) == 2, workers
-        for i, (out, _) in enumerate(results):  # each machine writes the same report
-            assert f"{url.split('@')[0].rsplit(':', 1)[0]}:***@" in out
+        for i, (_, err) in enumerate(results):  # each machine writes the same report
+            assert f"{url.split('@')[0].rsplit(':', 1)[0]}:***@" in err
             assert (tmp_path / f"machine{i}" / "trials.csv").exists()
     finally:
         for p in procs:
@@ -785,8 +795,10 @@ def test_make_storage_says_a_folder_it_cannot_create_in_one_line(
     url = storage.format(afile=in_the_way)
     with pytest.raises(DynifyError) as caught:
         make_storage(SearchSettings(budget=BUDGET, storage=url, output=str(tmp_path / "out")))
-    assert str(caught.value).startswith(f"--storage {url!r}: cannot create ")
+    assert str(caught.value).startswith(f"storage {url!r}: cannot create ")
     assert str(caught.value).endswith("; choose another path")
+    assert caught.value.arguments == ("storage",)  # the command line writes --storage
+    assert isinstance(caught.value.__cause__, OSError)  # kept for --debug
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
@@ -815,7 +827,7 @@ def test_storage_passwords_never_appear_in_errors(files, tmp_path: Path, url: st
 
 
 def test_redact_url_uses_sqlalchemys_parse() -> None:
-    from dynify.search.study import redact_text, redact_url
+    from dynify.search.storage import redact_text, redact_url
 
     assert (
         redact_url("postgresql://u:p@ss@db.example.org/x") == "postgresql://u:***@db.example.org/x"
@@ -881,13 +893,13 @@ def test_redact_url_uses_sqlalchemys_parse() -> None:
 def test_redact_text_hides_every_reading_of_the_password(
     url: str, message: str, expected: str
 ) -> None:
-    from dynify.search.study import redact_text
+    from dynify.search.storage import redact_text
 
     assert redact_text(message, url) == expected
 
 
 def test_redact_text_cuts_a_long_driver_message_at_a_word() -> None:
-    from dynify.search.study import redact_text
+    from dynify.search.storage import redact_text
 
     url = f"postgresql://u:{SECRET}@h/db"
     message = f"connection to server failed for {SECRET}: " + "retrying connection " * 40
@@ -905,7 +917,7 @@ def test_a_storage_password_is_in_no_output_of_a_whole_run(files, tmp_path: Path
     url = f"sqlite:///{tmp_path / 'db' / 'study.db'}?password={SECRET}"
     code, out, err = run_main(search_args(files, output, "--storage", url, trials=3))
     assert code == 0, err
-    assert f"storage sqlite:///{tmp_path / 'db' / 'study.db'}?password=***" in out
+    assert f"storage sqlite:///{tmp_path / 'db' / 'study.db'}?password=***" in err
     assert SECRET not in out and SECRET not in err
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {p.name for p in written} >= {"study.db", "summary.json", "trials.csv", "best.yaml"}
@@ -942,7 +954,9 @@ def test_ctrl_c_in_a_trial_is_one_line_and_the_trial_runs_on_resume(files, tmp_p
     )  # fmt: skip
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
-    (line,) = proc.stderr.strip().splitlines()
+    # Progress lines come first on stderr (dynify.logging); the interruption is one line.
+    *progress, line = proc.stderr.strip().splitlines()
+    assert all("interrupted" not in p and "error" not in p for p in progress), progress
     assert line == (
         "dynify search: interrupted: trial 1 was interrupted; rerun the same command to "
         "resume (it runs that trial again)"
@@ -960,7 +974,7 @@ def test_ctrl_c_in_a_trial_is_one_line_and_the_trial_runs_on_resume(files, tmp_p
     presets = [t.user_attrs.get("preset") for t in done(study)]
     assert presets[:2] == ["static", "mobile"] and len(done(study)) == 3
     # Queued once: a further run finds the retry and does not queue the trial again.
-    assert study_module.requeue_interrupted(study) == []
+    assert claims_module.requeue_interrupted(study) == []
     with open(output / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert (rows[1]["interrupted"], rows[2]["retry_of"]) == ("True", "1")
@@ -972,7 +986,7 @@ def test_an_interrupted_sampled_trial_is_not_requeued_when_its_plan_finished(
     ctx = prepare(settings_for(files, tmp_path / "out"))
     ctx.presets = []
     study = open_study(ctx, create=True)
-    params = {**study_module.static_params(ctx), "experts.stage1": 2}
+    params = {**static_params(ctx), "experts.stage1": 2}
     distributions = {
         k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()
     }
@@ -982,7 +996,7 @@ def test_an_interrupted_sampled_trial_is_not_requeued_when_its_plan_finished(
                 state=state, params=params, distributions=distributions, user_attrs=attrs
             )
         )
-    assert study_module.requeue_interrupted(study) == [0]  # the plain failure is not
+    assert claims_module.requeue_interrupted(study) == [0]  # the plain failure is not
     assert study.trials[2].state == TrialState.WAITING and study.trials[2].params == {}
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert waiting[0].system_attrs["fixed_params"] == params
@@ -998,7 +1012,7 @@ def test_an_interrupted_sampled_trial_is_not_requeued_when_its_plan_finished(
             user_attrs={"interrupted": True},
         )
     )  # fmt: skip
-    assert study_module.requeue_interrupted(study) == []  # trial 3 finished these params
+    assert claims_module.requeue_interrupted(study) == []  # trial 3 finished these params
 
 
 def _interrupted_study(files, output: Path):
@@ -1006,7 +1020,7 @@ def _interrupted_study(files, output: Path):
     ctx = prepare(settings_for(files, output))
     ctx.presets = []
     study = open_study(ctx, create=True)
-    params = {**study_module.static_params(ctx), "experts.stage1": 2}
+    params = {**static_params(ctx), "experts.stage1": 2}
     distributions = {
         k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()
     }
@@ -1058,15 +1072,15 @@ def test_two_resumes_at_once_queue_one_retry(files, tmp_path: Path) -> None:
 def test_a_second_retry_of_one_trial_is_not_run(files, tmp_path: Path) -> None:
     """Two resumes on a database server (no shared lock) may both queue a retry: only the
     first runs, the second is marked surplus."""
-    from dynify.search.study import _claim, _Surplus
+    from dynify.search.claims import Surplus, claim
 
     ctx, study, params = _interrupted_study(files, tmp_path / "out")
     for _ in range(2):
         study.enqueue_trial(params, user_attrs={"retry_of": 0})
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(study_module, "objective", lambda trial, ctx: 50.0)
+        mp.setattr(claims_module, "objective", lambda trial, ctx: 50.0)
         study.optimize(
-            lambda trial: _claim(trial, ctx, heartbeat=False), n_trials=2, catch=(_Surplus,)
+            lambda trial: claim(trial, ctx, heartbeat=False), n_trials=2, catch=(Surplus,)
         )
     first, second = study.trials[1:]
     assert (first.state, first.value) == (TrialState.COMPLETE, 50.0)
@@ -1119,8 +1133,10 @@ def test_training_flags_override_the_space(files, tmp_path: Path) -> None:
     assert (training.epochs, training.train_images, training.val_images) == (1, 40, 20)
     assert (len(ctx.data.train), len(ctx.data.val)) == (40, 20)
     assert training.batch_size == 16 and ctx.notes == []  # the rest is the space's
-    with pytest.raises(DynifyError, match=r"--epochs 0: expected an integer >= 1"):
+    # The library names the Python argument; the command line shows it as --epochs.
+    with pytest.raises(DynifyError, match=r"^epochs 0: expected an integer >= 1") as caught:
         prepare(settings_for(files, tmp_path / "out", epochs=0))
+    assert caught.value.arguments == ("epochs",)
 
 
 def test_a_space_larger_than_the_data_is_scaled_with_a_note(files, tmp_path: Path) -> None:
@@ -1137,11 +1153,12 @@ def test_a_space_larger_than_the_data_is_scaled_with_a_note(files, tmp_path: Pat
         f"note: data {data!r} has 108 training images, fewer than the space 'big' asks for "
         "(5,000 held out + 20,000 to train on); using 22 held out and 86 to train on "
         "(--val-images and --train-images choose)"
-    ) in out
-    assert "estimate: 2 trial(s) to run, each up to 2 epoch(s) x 86 images + 22 held out" in out
-    assert "images/s (the static model, timed just now on cpu)" in out
-    assert "  trial 0 epoch 1/2: held-out top-1 " in out
-    assert "  trial 0 epoch 2/2: held-out top-1 " in out
+    ) in err
+    assert "estimate: 2 trial(s) to run, each up to 2 epoch(s) x 86 images + 22 held out" in err
+    assert "images/s (the static model, timed just now on cpu)" in err
+    assert "  trial 0 epoch 1/2: held-out top-1 " in err
+    assert "  trial 0 epoch 2/2: held-out top-1 " in err
+    assert "note: " not in out and "estimate: " not in out
     summary = json.loads((output / "summary.json").read_text())
     assert (summary["training"]["val_images"], summary["training"]["train_images"]) == (22, 86)
     assert "advantage" not in summary["best"] or "22 held-out" in summary["best"]["advantage"]
@@ -1187,3 +1204,183 @@ def test_two_commands_started_together_on_a_fresh_folder_share_the_study(files, 
             assert p.returncode == 0, err
             assert "UNIQUE constraint" not in err and "already exists" not in err
         _check_shared_study(load(output), 3)
+
+
+# -- the package: its public API, its layout, its messages, the shared limits ----------------
+
+SEARCH = ROOT / "dynify" / "search"
+# The modules of dynify/search in the order they may import one another (docs/search.md).
+LAYOUT = [
+    "space", "settings", "storage", "data", "context", "sampling", "trials", "training",
+    "objective", "claims", "identity", "worker", "report", "progress", "run", "study",
+]  # fmt: skip
+
+
+def test_import_dynify_gives_the_search_and_its_public_api() -> None:
+    import importlib
+
+    import dynify.search.run
+    import dynify.search.study
+
+    package = importlib.import_module("dynify.search")
+    assert dynify.search is package
+    assert "search" in dir(package) and set(package.__all__) <= set(dir(package))
+    for name in package.__all__:
+        assert getattr(package, name) is not None, name
+    assert package.search is dynify.search.run.search
+    assert package.SearchSettings is SearchSettings is dynify.search.study.SearchSettings
+    # The names the former single module had still come from it, the same objects.
+    for name in ("prepare", "open_study", "run_worker", "plan_of_trial", "SearchContext"):
+        assert getattr(dynify.search.study, name) is getattr(package, name), name
+    for name in dynify.search.study.__all__:
+        assert getattr(dynify.search.study, name) is not None, name
+    with pytest.raises(AttributeError):
+        package.no_such_name  # noqa: B018
+
+
+def _dynify_imports(path: Path) -> tuple[list[str], list[str]]:
+    """The dynify modules ``path`` imports at its top level, and those imported elsewhere."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top, local = [], []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        names = [n for n in names if n == "dynify" or n.startswith("dynify.")]
+        (top if node in tree.body else local).extend(names)
+    return top, local
+
+
+def test_the_search_modules_import_one_way_at_their_top() -> None:
+    """Every module of dynify/search is in the layout; none imports a dynify module inside a
+    function, and each imports only the search modules before it in the layout."""
+    found = {p.stem for p in SEARCH.glob("*.py")} - {"__init__"}
+    assert found == set(LAYOUT), found ^ set(LAYOUT)
+    for index, name in enumerate(LAYOUT):
+        top, local = _dynify_imports(SEARCH / f"{name}.py")
+        assert local == [], (name, local)
+        below = {f"dynify.search.{m}" for m in LAYOUT[:index]}
+        for module in top:
+            if module.startswith("dynify.search.") and module.count(".") == 2:
+                assert module in below, f"{name} imports {module}, which is not above it"
+    # The command is a shell over the public API (and the settings' number parsing).
+    cli = (ROOT / "dynify" / "cli" / "search.py").read_text(encoding="utf-8")
+    assert "dynify.search.study" not in cli and "dynify.search.run" not in cli
+
+
+def test_search_messages_name_python_arguments_not_flags() -> None:
+    """No error or log message under dynify/search names a flag (``--trials``): they name
+    the Python argument and list it in ``arguments``; the command line writes the flag. Only
+    the rebuild command (a command line to run) holds flags."""
+    import ast
+    import re
+
+    for path in sorted(SEARCH.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            said = isinstance(node, ast.Raise) or (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("info", "warning", "error", "debug")
+            )
+            if not said:
+                continue
+            for leaf in ast.walk(node):
+                if isinstance(leaf, ast.Constant) and isinstance(leaf.value, str):
+                    assert not re.search(r"--[a-z]", leaf.value), (path.name, leaf.value)
+
+
+def test_a_bad_setting_names_the_python_argument(files, tmp_path: Path) -> None:
+    from dynify.search.settings import parse_number
+
+    with pytest.raises(DynifyError) as caught:
+        prepare(settings_for(files, tmp_path / "out", trials=0))
+    assert str(caught.value) == (
+        "trials 0: expected an integer >= 1 (the number to finish, over every process)"
+    )
+    assert caught.value.arguments == ("trials",)
+    with pytest.raises(DynifyError) as caught:
+        prepare(settings_for(files, tmp_path / "out", objectives=("params",)))
+    assert caught.value.arguments == ("objectives",) and "--" not in str(caught.value)
+    with pytest.raises(DynifyError) as caught:
+        parse_number("max_params", "lots")
+    assert str(caught.value).startswith("max_params 'lots': expected a number > 0")
+    assert caught.value.arguments == ("max_params",)
+    assert isinstance(caught.value.__cause__, DynifyError)  # the budget parser's message
+    assert (parse_number("max_params", "30M"), parse_number("trials", "7")) == (3e7, 7)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_note_names_python_arguments_and_the_command_its_flags(files, tmp_path) -> None:
+    space = tmp_path / "big.yaml"
+    space.write_text(space_yaml(train_images=20000).replace("val_images: 32", "val_images: 5000"))
+    ctx = prepare(settings_for(files, tmp_path / "out", space=str(space)))
+    (note,) = ctx.notes
+    assert note.endswith("(val_images and train_images choose)")
+    assert note.arguments == ("val_images", "train_images")
+
+
+def test_numeric_limits_have_one_definition() -> None:
+    """The command line's limits are dynify/_limits.py's, and so are the search settings'."""
+    import dynify._limits as limits
+    import dynify.cli as cli
+    from dynify.search.settings import NUMERIC_SETTINGS
+
+    for name in ("Limit", "check_limits", "COUNT", "NON_NEGATIVE", "SEED", "POSITIVE",
+                 "FRACTION", "SHARE"):  # fmt: skip
+        assert getattr(cli, name) is getattr(limits, name), name
+    shared = {id(getattr(limits, n)) for n in ("COUNT", "POSITIVE", "SEED")}
+    assert all(id(setting.limit) in shared for setting in NUMERIC_SETTINGS.values())
+    assert NUMERIC_SETTINGS["seed"].limit is limits.SEED
+    assert NUMERIC_SETTINGS["trials"].limit is limits.COUNT
+    with pytest.raises(DynifyError) as caught:
+        limits.check_value("seed", 2**32, limits.SEED, integer=True)
+    assert str(caught.value) == "seed 4294967296: expected an integer in [0, 4294967295]"
+    assert caught.value.arguments == ("seed",)
+    with pytest.raises(DynifyError) as caught:
+        limits.check_value("timeout", True, limits.POSITIVE)  # a bool is not a number here
+    assert caught.value.arguments == ("timeout",)
+    with pytest.raises(DynifyError) as caught:
+        limits.check_limits(SimpleNamespace(lr=[0.1, -1.0], none=None), {
+            "lr": limits.POSITIVE, "none": limits.COUNT})  # fmt: skip
+    assert (str(caught.value), caught.value.arguments) == ("lr must be > 0, got -1.0", ("lr",))
+
+
+def test_training_speed_times_the_steps_it_is_asked_for(files, tmp_path: Path) -> None:
+    """A deterministic check of the estimate's timing: one untimed step, then ``steps``; the
+    shared starting model is copied, never trained."""
+    from dynify.search.training import training_speed
+
+    ctx = prepare(settings_for(files, tmp_path / "out"))
+    before = {k: v.clone() for k, v in ctx.base.state_dict().items()}
+    forwards: list[int] = []
+    handle = ctx.base.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        speed = training_speed(ctx, steps=3)
+    finally:
+        handle.remove()
+    assert len(forwards) == 4 and speed > 0
+    after = ctx.base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_redaction_parses_the_url_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dynify.search.storage as storage
+
+    parses: list[str] = []
+    real = storage.make_url
+
+    def make_url(url):
+        parses.append(url)
+        return real(url)
+
+    monkeypatch.setattr(storage, "make_url", make_url)
+    url = f"postgresql://u:{SECRET}@h/db?password={SECRET}x"
+    text = storage.redact_text(f"cannot connect to {url} as u with {SECRET}", url)
+    assert SECRET not in text and "postgresql://u:***@h/db?password=***" in text
+    assert parses == [url]

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import re
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import NoReturn
 
+from dynify._limits import (  # noqa: F401 (re-exported: the commands import them from here)
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    SHARE,
+    Limit,
+    check_limits,
+)
 from dynify._version import __version__
 from dynify.errors import DynifyError, TrainingDiverged, shorten
 
@@ -27,65 +35,6 @@ __all__ = ["Limit", "check_limits", "interrupted", "main"]
 
 # Command modules, in the order ``--help`` lists them. Later issues append here.
 COMMANDS: tuple[str, ...] = ("convert", "inspect", "finetune", "search")
-
-
-@dataclass(frozen=True)
-class Limit:
-    """The values a numeric flag accepts: ``low`` / ``high`` bounds (inclusive unless
-    ``low_open`` / ``high_open``), always finite."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def accepts(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def __str__(self) -> str:
-        low, high = _number(self.low), _number(self.high)
-        if self.low is not None and self.high is not None:
-            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"in {left}{low}, {high}{right}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {low}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {high}"
-        return "finite"
-
-
-def _number(value: float | None) -> str:
-    """A bound as a reader writes it: ``4294967295`` rather than ``4.29497e+09``."""
-    if value is None:
-        return ""
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-# Shared limits, by what the number is.
-COUNT = Limit(low=1)  # images, epochs, classes, batch sizes, pixels
-NON_NEGATIVE = Limit(low=0)  # worker processes, warm-up epochs
-SEED = Limit(low=0, high=2**32 - 1)  # what numpy's and torch's generators take
-POSITIVE = Limit(low=0, low_open=True)  # learning rates, temperatures, norms
-FRACTION = Limit(low=0, high=1, low_open=True)  # (0, 1]
-SHARE = Limit(low=0, high=1)  # [0, 1]
-
-
-def check_limits(args: argparse.Namespace, limits: Mapping[str, Limit]) -> None:
-    """Refuse, before any work, a numeric flag outside its limits (``limits`` maps argparse
-    destinations to them; unset flags and ``None`` defaults pass): one line naming the flag,
-    the value and the accepted range."""
-    for dest, limit in limits.items():
-        value = getattr(args, dest)
-        if value is None:
-            continue
-        for item in value if isinstance(value, (list, tuple)) else (value,):
-            if not limit.accepts(item):
-                flag = "--" + dest.replace("_", "-")
-                raise DynifyError(f"{flag} must be {limit}, got {item}")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -87,52 +87,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def param_count(text: str) -> float:
-    """``30M`` -> 3e7 (for --max-params)."""
-    from dynify._budget import parse_budget
-
-    stripped = text.strip()
-    budget = parse_budget(stripped if stripped.lower().endswith("params") else stripped + "params")
-    return budget.value
-
-
-def _number(name: str, text: str | None) -> float | int | None:
-    """An option's text as the number the search setting ``name`` takes; one line naming
-    the flag and the accepted values if it is not one (argparse would print its usage)."""
-    from dynify.errors import DynifyError
-    from dynify.search.study import NUMERIC_SETTINGS, accepted
-
-    if text is None:
-        return None
-    flag, integer, _, _ = NUMERIC_SETTINGS[name]
-    try:
-        if name == "max_params":
-            return param_count(text)
-        return int(text) if integer else float(text)
-    except (ValueError, DynifyError):
-        example = ", e.g. 30M" if name == "max_params" else ""
-        raise DynifyError(f"{flag} {text!r}: expected {accepted(name)}{example}") from None
-
-
 def run(args: argparse.Namespace) -> int:
+    import logging
 
-    from dynify.search.run import search
-    from dynify.search.study import SearchSettings
+    from dynify.search import SearchSettings, progress, search
+    from dynify.search.settings import NUMERIC_SETTINGS, parse_number
 
-    numbers = {
-        name: _number(name, getattr(args, name))
-        for name in (
-            "trials",
-            "timeout",
-            "workers",
-            "max_params",
-            "seed",
-            "heartbeat",
-            "epochs",
-            "train_images",
-            "val_images",
-        )
-    }
+    # The settings' names are the parser's destinations, so the command line's error
+    # handler (and the filter below, for the notes) can show each as its flag.
+    numbers = {name: parse_number(name, getattr(args, name)) for name in NUMERIC_SETTINGS}
     settings = SearchSettings(
         budget=args.budget,
         model=args.model,
@@ -149,6 +112,30 @@ def run(args: argparse.Namespace) -> int:
         data_cache=args.data_cache,
         **numbers,  # type: ignore[arg-type]
     )
-    outcome = search(settings)  # a Ctrl-C is said by the command line's own handler
+    flags = _Flags()
+    logger = logging.getLogger(progress.__name__)  # where the notes are said
+    logger.addFilter(flags)
+    try:
+        outcome = search(settings)  # a Ctrl-C is said by the command line's own handler
+    finally:
+        logger.removeFilter(flags)
     print(outcome.summary)
     return 0
+
+
+class _Flags:
+    """A logging filter: a message that lists the Python arguments it names (``extra=
+    {"arguments": ...}``, e.g. a note naming ``val_images``) shows them as this command's
+    flags (``--val-images``), as the command line's error handler does for errors."""
+
+    def filter(self, record: object) -> bool:
+        import re
+
+        arguments = getattr(record, "arguments", ())
+        if arguments:
+            message = record.getMessage()  # type: ignore[attr-defined]
+            for name in arguments:
+                flag = "--" + name.replace("_", "-")
+                message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flag, message)
+            record.msg, record.args = message, ()  # type: ignore[attr-defined]
+        return True

@@ -27,7 +27,8 @@ from dynify._io import atomic_path, atomic_write_text
 from dynify._table import format_table
 from dynify.convert import apply
 from dynify.cost import decimal_prefix, format_count
-from dynify.search.study import STATIC, SearchContext, plan_of_trial
+from dynify.search.context import STATIC, SearchContext
+from dynify.search.sampling import plan_of_trial
 
 __all__ = [
     "best_trials",
