@@ -561,14 +561,11 @@ def test_trace_and_count_record_the_same_conv_layers() -> None:
 
 
 def test_public_api() -> None:
-    import dynify._budget
     import dynify._opcount
 
     for name in cost.__all__:
         assert getattr(cost, name) is not None, name
     assert cost.OpCounts is dynify._opcount.OpCounts
-    assert dynify._budget.parse_budget is cost.parse_budget  # the old private home
-    assert dynify._budget.Budget is cost.Budget
     for module in (cost.budget, cost.counting, cost.formatting, cost.pricing, cost.report,
                    cost.timing):  # fmt: skip
         assert module.__doc__, module.__name__

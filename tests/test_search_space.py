@@ -13,7 +13,7 @@ import pytest
 import timm
 
 from dynify import cost
-from dynify._budget import parse_budget
+from dynify.cost import parse_budget
 from dynify.errors import DynifyError, DynifyTypeError
 from dynify.plan import resolve_plan
 from dynify.recipe import LayerSettings, Recipe, Rule, Selector
