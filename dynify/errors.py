@@ -52,7 +52,12 @@ class DynifyTypeError(DynifyError, TypeError):
 
 class TrainingDiverged(RuntimeError):
     """Training ran and its loss became NaN or infinite: not a bad input but a failed run
-    (the command line exits 1 with one line; ``--debug`` shows where)."""
+    (the command line exits 1 with one line; ``--debug`` shows where). ``arguments``: the
+    settings its hint names (``lr``), as for :class:`DynifyError`."""
+
+    def __init__(self, message: str, *, arguments: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.arguments: tuple[str, ...] = tuple(arguments)
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:

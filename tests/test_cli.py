@@ -410,3 +410,45 @@ def test_an_empty_output_is_refused_not_replaced_by_the_default(
         f"{argv[-2]} is empty; give a " + ("folder path" if "finetune" in argv else "file path")
     ), line
     assert list(no_work.iterdir()) == []
+
+
+def test_argument_names_become_flags_outside_quotes_only() -> None:
+    from dynify.cli import build_parser, command_flags, with_flags
+
+    flags = command_flags(build_parser(), "finetune")
+    assert flags["batch_size"] == "--batch-size" and flags["clip_grad"] == "--clip-grad"
+    assert "augment" not in flags  # only --no-aug sets it, which says the opposite
+    message = "output 'runs/output/x' is a folder; give output a file (batch_size=3)"
+    assert with_flags(message, ("output", "batch_size", "augment"), flags) == (
+        "--output 'runs/output/x' is a folder; give --output a file (--batch-size=3)"
+    )
+    assert with_flags("outputs and output_dir", ("output",), flags) == "outputs and output_dir"
+    assert with_flags(message, (), flags) == message
+
+
+def test_log_messages_that_name_arguments_show_flags(monkeypatch, capsys) -> None:
+    """A library log record with ``extra={"arguments": ...}`` reads with the command's flags
+    while that command runs, and with Python names otherwise."""
+    import argparse
+
+    from dynify.cli import convert as convert_command
+    from dynify.cli import main
+    from dynify.logging import get_logger
+
+    logger = get_logger("dynify.test_note")
+
+    def run(args: argparse.Namespace) -> int:
+        logger.info("input_size is large", extra={"arguments": ("input_size",)})
+        return 0
+
+    real = convert_command.add_parser
+
+    def add_parser(subparsers: argparse._SubParsersAction) -> None:
+        real(subparsers)
+        subparsers.choices["convert"].set_defaults(run=run)
+
+    monkeypatch.setattr(convert_command, "add_parser", add_parser)
+    assert main(["convert", "resnet18"]) == 0
+    assert "--input-size is large" in capsys.readouterr().err
+    logger.info("input_size is large", extra={"arguments": ("input_size",)})
+    assert "--input-size" not in capsys.readouterr().err

@@ -8,14 +8,16 @@ quick; the work (and the heavy imports) happens in ``run``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import os
 import re
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from dynify._limits import (  # noqa: F401 (re-exported: the commands import them from here)
@@ -30,6 +32,7 @@ from dynify._limits import (  # noqa: F401 (re-exported: the commands import the
 )
 from dynify._version import __version__
 from dynify.errors import DynifyError, TrainingDiverged, shorten
+from dynify.logging import get_logger
 
 __all__ = ["Limit", "check_limits", "interrupted", "main"]
 
@@ -86,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything, the parser and its imports included, runs inside the handlers: a Ctrl-C or
     # a bad input at any moment is one line on stderr, never a traceback (unless --debug).
     prog = "dynify"
-    parser: argparse.ArgumentParser | None = None
     args: argparse.Namespace | None = None
+    flags: dict[str, str] = {}
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -95,19 +98,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         prog = f"dynify {args.command}"
+        flags = command_flags(parser, args.command)
         if _import_libraries():
             return interrupted(prog, exiting=argv is None)
-        return int(args.run(args) or 0)
-    except DynifyError as err:
+        with _flags_in_log_messages(flags):
+            return int(args.run(args) or 0)
+    except (DynifyError, TrainingDiverged) as err:
         _debug_traceback(args, err)
-        print(
-            f"{prog}: error: {_with_flags(str(err), err.arguments, parser, args)}", file=sys.stderr
-        )
-        return 2
-    except TrainingDiverged as err:
-        _debug_traceback(args, err)
-        print(f"{prog}: error: {_with_flags(str(err), (), parser, args)}", file=sys.stderr)
-        return 1
+        message = with_flags(str(err), getattr(err, "arguments", ()), flags)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2 if isinstance(err, DynifyError) else 1
     except KeyboardInterrupt as interrupt:
         return interrupted(prog, exiting=argv is None, reason=str(interrupt))
     except (MemoryError, RuntimeError) as err:
@@ -136,27 +136,69 @@ def _debug_traceback(args: argparse.Namespace | None, err: BaseException) -> Non
         traceback.print_exception(err, file=sys.stderr)
 
 
-def _with_flags(
-    message: str,
-    arguments: Sequence[str],
-    parser: argparse.ArgumentParser | None,
-    args: argparse.Namespace | None,
-) -> str:
-    """``message`` with each Python argument name it lists (``batch_size``) written as the
-    command's flag for it (``--batch-size``), when the command has one."""
-    if not arguments or parser is None or args is None or not getattr(args, "command", None):
-        return message
-    flags = {}
+def command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """The flag of each argparse destination of ``command`` (``{"batch_size":
+    "--batch-size"}``): how the command line shows the Python argument names that library
+    messages use. An on/off setting whose only flag is its negation (``--no-amp`` for
+    ``amp``) has none: the negation would say the opposite."""
+    flags: dict[str, str] = {}
     for action in parser._actions:  # argparse keeps its subparsers there, no public accessor
         if isinstance(action, argparse._SubParsersAction):
-            command = action.choices.get(args.command)
-            for option in command._actions if command is not None else ():
-                if option.option_strings:
-                    flags[option.dest] = max(option.option_strings, key=len)
-    for name in arguments:
-        if name in flags:
-            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flags[name], message)
-    return message
+            sub = action.choices.get(command)
+            for option in sub._actions if sub is not None else ():
+                positive = [o for o in option.option_strings if not o.startswith("--no-")]
+                if positive:
+                    flags[option.dest] = max(positive, key=len)
+    return flags
+
+
+# Quoted values in messages (paths, names): never rewritten.
+_QUOTED = re.compile(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+def with_flags(message: str, arguments: Sequence[str], flags: dict[str, str]) -> str:
+    """``message`` with each Python argument name it lists (``batch_size``) written as the
+    command's flag (``--batch-size``) where it stands as a word outside quotes (a quoted
+    path ``'runs/output/x'`` keeps its ``output``)."""
+    names = [name for name in arguments if name in flags]
+    if not names:
+        return message
+    pattern = re.compile(rf"(?<![\w-])({'|'.join(map(re.escape, names))})(?!\w)")
+    parts = _QUOTED.split(message)  # odd indices are the quoted values
+    return "".join(
+        part if i % 2 else pattern.sub(lambda m: flags[m.group(1)], part)
+        for i, part in enumerate(parts)
+    )
+
+
+class _FlagFilter(logging.Filter):
+    """Shows, in a log record that lists the Python arguments it names (``extra=
+    {"arguments": (...)}``), those names as the command's flags, as errors are shown."""
+
+    def __init__(self, flags: dict[str, str]) -> None:
+        super().__init__()
+        self.flags = flags
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        arguments = getattr(record, "arguments", ())
+        if arguments:
+            record.msg, record.args = with_flags(record.getMessage(), arguments, self.flags), ()
+        return True
+
+
+@contextlib.contextmanager
+def _flags_in_log_messages(flags: dict[str, str]) -> Iterator[None]:
+    """While a command runs, the ``dynify`` logger's handlers show argument names as flags
+    (a handler's filter sees the records of every ``dynify.*`` logger)."""
+    handlers = list(get_logger("dynify").handlers)  # the default handler exists from here
+    flag_filter = _FlagFilter(flags)
+    for handler in handlers:
+        handler.addFilter(flag_filter)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(flag_filter)
 
 
 def _import_libraries() -> bool:

@@ -88,9 +88,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
 
-    from dynify.search import SearchSettings, progress, search
+    from dynify.search import SearchSettings, search
     from dynify.search.settings import NUMERIC_SETTINGS, parse_number
 
     # The settings' names are the parser's destinations, so the command line's error
@@ -112,30 +111,8 @@ def run(args: argparse.Namespace) -> int:
         data_cache=args.data_cache,
         **numbers,  # type: ignore[arg-type]
     )
-    flags = _Flags()
-    logger = logging.getLogger(progress.__name__)  # where the notes are said
-    logger.addFilter(flags)
-    try:
-        outcome = search(settings)  # a Ctrl-C is said by the command line's own handler
-    finally:
-        logger.removeFilter(flags)
+    # A Ctrl-C is said by the command line's own handler; notes that name a setting show
+    # its flag (dynify.cli's log filter), as errors do.
+    outcome = search(settings)
     print(outcome.summary)
     return 0
-
-
-class _Flags:
-    """A logging filter: a message that lists the Python arguments it names (``extra=
-    {"arguments": ...}``, e.g. a note naming ``val_images``) shows them as this command's
-    flags (``--val-images``), as the command line's error handler does for errors."""
-
-    def filter(self, record: object) -> bool:
-        import re
-
-        arguments = getattr(record, "arguments", ())
-        if arguments:
-            message = record.getMessage()  # type: ignore[attr-defined]
-            for name in arguments:
-                flag = "--" + name.replace("_", "-")
-                message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flag, message)
-            record.msg, record.args = message, ()  # type: ignore[attr-defined]
-        return True

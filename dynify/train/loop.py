@@ -433,7 +433,8 @@ class _Run:
         temperature = format_temperature(self.temperature.temperature)
         return TrainingDiverged(
             f"loss became {what} at {where} (lr {lr:.3g}, T {temperature}); training "
-            f"stopped, {kept}; try a lower lr or a clip_grad"
+            f"stopped, {kept}; try a lower lr or a clip_grad",
+            arguments=("lr", "clip_grad"),
         )
 
 
