@@ -123,9 +123,9 @@ def counting_finetune():
     calls = Calls()
     real_finetune, real_apply = dynify.train.finetune, objective_module.apply
 
-    def finetune(**kwargs):
-        calls.append(kwargs["epochs"])
-        return real_finetune(**kwargs)
+    def finetune(model, settings, **kwargs):
+        calls.append(settings.epochs)
+        return real_finetune(model, settings, **kwargs)
 
     def apply(model, plan, *args, **kwargs):
         calls.built += 1
@@ -546,9 +546,9 @@ _SLOW_TRAINING_CLI = """
 import sys, time
 import dynify.train
 real = dynify.train.finetune
-def finetune(**kwargs):
+def finetune(*args, **kwargs):
     time.sleep(2.0)
-    return real(**kwargs)
+    return real(*args, **kwargs)
 dynify.train.finetune = finetune
 from dynify.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -934,11 +934,11 @@ import sys
 import dynify.train
 real = dynify.train.finetune
 calls = []
-def finetune(**kwargs):
+def finetune(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
         raise KeyboardInterrupt
-    return real(**kwargs)
+    return real(*args, **kwargs)
 dynify.train.finetune = finetune
 from dynify.cli import main
 sys.exit(main(sys.argv[1:]))

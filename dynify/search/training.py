@@ -31,8 +31,7 @@ def train_plan(
     """Fine-tune ``model`` (a trial's converted plan) for the space's budget per trial on the
     search's data and device; the training loop's result (``top1``, ``history``, ...)."""
     budget = ctx.space.training
-    return dynify.train.finetune(
-        model=model,
+    settings = dynify.train.FinetuneSettings(
         data=ctx.data,
         epochs=budget.epochs,
         batch_size=budget.batch_size,
@@ -41,9 +40,9 @@ def train_plan(
         device=ctx.device,
         seed=budget.seed,
         workers=budget.workers,
-        callbacks=list(callbacks),
         progress=False,
     )
+    return dynify.train.finetune(model, settings, callbacks=list(callbacks))
 
 
 def training_speed(ctx: SearchContext, *, steps: int = 2) -> float:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import optuna
 
-import dynify.train
 from dynify import errors
 from dynify.logging import get_logger
 from dynify.search.claims import SearchInterrupted, Surplus, claim
@@ -26,12 +25,6 @@ from dynify.search.trials import FINISHED
 __all__ = ["run_worker"]
 
 _logger = get_logger(__name__)
-
-# A trial whose training diverged fails, and the search goes on: the training loop's own
-# exception and dynify.errors' (the same class once the loop raises the shared one).
-_DIVERGED: tuple[type[BaseException], ...] = tuple(
-    dict.fromkeys((errors.TrainingDiverged, dynify.train.TrainingDiverged))
-)
 
 
 def run_worker(
@@ -80,7 +73,10 @@ def run_worker(
                 lambda trial: claim(trial, ctx, heartbeat=heartbeat),
                 n_trials=1,
                 callbacks=callbacks,
-                catch=(*_DIVERGED, Surplus),
+                catch=(
+                    errors.TrainingDiverged,
+                    Surplus,
+                ),  # a diverged trial fails; the search goes on
                 gc_after_trial=True,
             )
         except KeyboardInterrupt as interrupt:
