@@ -189,7 +189,7 @@ def test_misspelt_recipe_key_from_the_command_line(tmp_path: Path) -> None:
         (["resnet18", "--recipe", "mobil"], "did you mean 'mobile'"),
         (["resnet18", "--checkpoint", "missing.pth"], "checkpoint 'missing.pth': no such file"),
         (["resnet18", "--input-size", "3,64"], "--input-size must be three integers C,H,W"),
-        (["resnet18", "--num-classes", "0"], "--num-classes must be >= 1, got 0"),
+        (["resnet18", "--num-classes", "0"], "--num-classes must be a positive integer, got 0"),
         (["--from", "missing.safetensors"], "no such file"),
         (["resnet18", "--from", "x.safetensors"], "not both"),
         ([], "MODEL is required"),

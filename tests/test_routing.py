@@ -311,7 +311,7 @@ def test_cli_inspect_an_artifact_with_data(
         (["inspect", str(artifact), "--recipe", "mobile"], "--recipe applies to a timm MODEL"),
         (["inspect", str(artifact), "--budget", "1MMACs"], "--budget applies to a timm MODEL"),
         (["inspect", str(artifact), "--data", str(splits), "--img-size", "0"],
-         "--img-size must be >= 1"),
+         "--img-size must be a positive integer"),
         (["inspect", str(artifact), "--data", str(splits), "--plot",
           str(artifact / "x" / "r.png")], "is a file, not a folder"),
     ):  # fmt: skip

@@ -472,18 +472,21 @@ def test_a_budget_below_the_static_model_is_refused_before_training(files, tmp_p
         (["resnet_nope"], ["unknown model 'resnet_nope'"]),
         (["--space", "defualt"], ["did you mean 'default'?"]),
         (["--objectives", "params"], ["--objectives 'params'", "accuracy,params"]),
-        (["--trials", "0"], ["--trials 0: expected an integer >= 1 (the number to finish,"]),
-        (["--trials", "1e3"], ["--trials '1e3': expected an integer >= 1"]),
-        (["--workers", "-1"], ["--workers -1: expected an integer >= 1 (worker processes)"]),
-        (["--workers", "two"], ["--workers 'two': expected an integer >= 1"]),
-        (["--timeout", "nan"], ["--timeout nan: expected a number > 0 (seconds)"]),
-        (["--timeout", "-5"], ["--timeout -5.0: expected a number > 0 (seconds)"]),
-        (["--max-params", "-5"], ["--max-params '-5': expected a number > 0", "e.g. 30M"]),
-        (["--seed", "-1"], ["--seed -1: expected an integer in [0, 4294967295]"]),
-        (["--heartbeat", "0"], ["--heartbeat 0: expected an integer >= 1 (seconds)"]),
-        (["--epochs", "0"], ["--epochs 0: expected an integer >= 1 (training passes per"]),
-        (["--train-images", "many"], ["--train-images 'many': expected an integer >= 1"]),
-        (["--val-images", "-3"], ["--val-images -3: expected an integer >= 1 (held-out"]),
+        (
+            ["--trials", "0"],
+            ["--trials must be a positive integer (the number to finish,", "got 0"],
+        ),
+        (["--trials", "1e3"], ["--trials must be a positive integer", "got '1e3'"]),
+        (["--workers", "-1"], ["--workers must be a positive integer (worker processes), got -1"]),
+        (["--workers", "two"], ["--workers must be a positive integer", "got 'two'"]),
+        (["--timeout", "nan"], ["--timeout must be a finite number > 0 (seconds), got nan"]),
+        (["--timeout", "-5"], ["--timeout must be a finite number > 0 (seconds), got -5.0"]),
+        (["--max-params", "-5"], ["--max-params must be a finite number > 0", "e.g. 30M", "'-5'"]),
+        (["--seed", "-1"], ["--seed must be an integer in [0, 4294967295]", "got -1"]),
+        (["--heartbeat", "0"], ["--heartbeat must be a positive integer (seconds), got 0"]),
+        (["--epochs", "0"], ["--epochs must be a positive integer (training passes per", "got 0"]),
+        (["--train-images", "many"], ["--train-images must be a positive integer", "'many'"]),
+        (["--val-images", "-3"], ["--val-images must be a positive integer (held-out", "got -3"]),
         (["--device", "tpu"], ["device 'tpu' is not a torch device"]),
         (["--device", "meta"], ["device 'meta': the search runs on cpu or cuda"]),
         (["--max-latency", "5MFLOPs"], ["--max-latency '5MFLOPs': give a time"]),
@@ -1134,7 +1137,9 @@ def test_training_flags_override_the_space(files, tmp_path: Path) -> None:
     assert (len(ctx.data.train), len(ctx.data.val)) == (40, 20)
     assert training.batch_size == 16 and ctx.notes == []  # the rest is the space's
     # The library names the Python argument; the command line shows it as --epochs.
-    with pytest.raises(DynifyError, match=r"^epochs 0: expected an integer >= 1") as caught:
+    with pytest.raises(
+        DynifyError, match=r"^epochs must be a positive integer .*, got 0$"
+    ) as caught:
         prepare(settings_for(files, tmp_path / "out", epochs=0))
     assert caught.value.arguments == ("epochs",)
 
@@ -1301,7 +1306,7 @@ def test_a_bad_setting_names_the_python_argument(files, tmp_path: Path) -> None:
     with pytest.raises(DynifyError) as caught:
         prepare(settings_for(files, tmp_path / "out", trials=0))
     assert str(caught.value) == (
-        "trials 0: expected an integer >= 1 (the number to finish, over every process)"
+        "trials must be a positive integer (the number to finish, over every process), got 0"
     )
     assert caught.value.arguments == ("trials",)
     with pytest.raises(DynifyError) as caught:
@@ -1309,7 +1314,8 @@ def test_a_bad_setting_names_the_python_argument(files, tmp_path: Path) -> None:
     assert caught.value.arguments == ("objectives",) and "--" not in str(caught.value)
     with pytest.raises(DynifyError) as caught:
         parse_number("max_params", "lots")
-    assert str(caught.value).startswith("max_params 'lots': expected a number > 0")
+    assert str(caught.value).startswith("max_params must be a finite number > 0")
+    assert str(caught.value).endswith("got 'lots'")
     assert caught.value.arguments == ("max_params",)
     assert isinstance(caught.value.__cause__, DynifyError)  # the budget parser's message
     assert (parse_number("max_params", "30M"), parse_number("trials", "7")) == (3e7, 7)
@@ -1334,21 +1340,34 @@ def test_numeric_limits_have_one_definition() -> None:
     for name in ("Limit", "check_limits", "COUNT", "NON_NEGATIVE", "SEED", "POSITIVE",
                  "FRACTION", "SHARE"):  # fmt: skip
         assert getattr(cli, name) is getattr(limits, name), name
-    shared = {id(getattr(limits, n)) for n in ("COUNT", "POSITIVE", "SEED")}
-    assert all(id(setting.limit) in shared for setting in NUMERIC_SETTINGS.values())
-    assert NUMERIC_SETTINGS["seed"].limit is limits.SEED
-    assert NUMERIC_SETTINGS["trials"].limit is limits.COUNT
+    # Each search setting is a shared limit with a note on what the number is.
+    shared = {limits.COUNT, limits.POSITIVE, limits.SEED}
+    assert all(limit.but(note="") in shared for limit in NUMERIC_SETTINGS.values())
+    assert NUMERIC_SETTINGS["seed"].but(note="") == limits.SEED
     with pytest.raises(DynifyError) as caught:
-        limits.check_value("seed", 2**32, limits.SEED, integer=True)
-    assert str(caught.value) == "seed 4294967296: expected an integer in [0, 4294967295]"
+        limits.SEED.check("seed", 2**32)
+    assert str(caught.value) == "seed must be an integer in [0, 4294967295], got 4294967296"
     assert caught.value.arguments == ("seed",)
     with pytest.raises(DynifyError) as caught:
-        limits.check_value("timeout", True, limits.POSITIVE)  # a bool is not a number here
+        limits.POSITIVE.check("timeout", True)  # a bool is not a number here
     assert caught.value.arguments == ("timeout",)
+    # The fine-tuning settings use the same limits.
+    from dataclasses import fields
+
+    from dynify.train import FinetuneSettings
+
+    assert all(
+        isinstance(f.metadata["accepts"], limits.Limit)
+        for f in fields(FinetuneSettings)
+        if f.metadata.get("accepts") is not None
+    )
     with pytest.raises(DynifyError) as caught:
         limits.check_limits(SimpleNamespace(lr=[0.1, -1.0], none=None), {
             "lr": limits.POSITIVE, "none": limits.COUNT})  # fmt: skip
-    assert (str(caught.value), caught.value.arguments) == ("lr must be > 0, got -1.0", ("lr",))
+    assert (str(caught.value), caught.value.arguments) == (
+        "lr must be a finite number > 0, got -1.0",
+        ("lr",),
+    )
 
 
 def test_training_speed_times_the_steps_it_is_asked_for(files, tmp_path: Path) -> None:

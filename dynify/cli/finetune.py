@@ -14,12 +14,6 @@ from typing import TYPE_CHECKING
 
 from dynify.cli import (
     COUNT,
-    FRACTION,
-    NON_NEGATIVE,
-    POSITIVE,
-    SEED,
-    SHARE,
-    Limit,
     check_limits,
 )
 
@@ -150,30 +144,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_command)
 
 
-# Accepted values of the numeric flags (argparse destinations), checked before any work.
-LIMITS: dict[str, Limit] = {
-    "epochs": COUNT,
-    "num_classes": COUNT,
-    "seed": SEED,
-    "img_size": COUNT,
-    "crop_pct": FRACTION,
-    "aug_scale": FRACTION,
-    "train_images": COUNT,
-    "val_images": COUNT,
-    "holdout": Limit(low=0, high=1, low_open=True, high_open=True),
-    "workers": NON_NEGATIVE,
-    "batch_size": COUNT,
-    "lr": POSITIVE,
-    "weight_decay": NON_NEGATIVE,
-    "warmup_epochs": NON_NEGATIVE,
-    "smoothing": Limit(low=0, high=1, high_open=True),
-    "clip_grad": POSITIVE,
-    "distill_weight": SHARE,
-    "distill_temperature": POSITIVE,
-    "routing_images": NON_NEGATIVE,
-}
-
-
 # FinetuneSettings fields without a flag (Python only): the recipe sets the temperature per
 # layer; momentum and min_lr keep timm's usual values.
 PYTHON_ONLY: tuple[str, ...] = ("momentum", "min_lr", "temperature")
@@ -195,8 +165,9 @@ def run_command(args: argparse.Namespace) -> int:
     from dynify.train.distributed import is_primary_process
     from dynify.train.run import MODEL_OPTIONS
 
-    check_limits(args, LIMITS)
-    settings = settings_from_args(args)  # refuses bad values before any work
+    # The settings check every number of theirs (FinetuneSettings' limits), before any work.
+    check_limits(args, {"num_classes": COUNT})
+    settings = settings_from_args(args)
     options = {name: getattr(args, name) for name in MODEL_OPTIONS}
     try:
         outcome = finetune_to_artifact(args.model, settings, **options)

@@ -12,16 +12,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-from dynify._limits import COUNT, POSITIVE, SEED, Limit, check_value, expected
+from dynify._limits import COUNT, POSITIVE, SEED, Limit
 from dynify.cost import parse_budget
-from dynify.errors import DynifyError
+from dynify.errors import DynifyError, quoted
 
 __all__ = [
     "NUMERIC_SETTINGS",
     "OBJECTIVES",
-    "Numeric",
     "SearchSettings",
     "accepted",
     "check_number",
@@ -63,41 +62,31 @@ class SearchSettings:
     val_images: int | None = None
 
 
-class Numeric(NamedTuple):
-    """A numeric setting: its limit, whether it is an integer, what the number is."""
-
-    limit: Limit
-    integer: bool
-    what: str
-
-
 # The numeric settings of SearchSettings and the values each accepts; the command line parses
 # with these too (parse_number), so a bad value is the same one line from either. What a
 # number is does not repeat its setting's name: the command line writes each mention of the
 # name as its flag.
-NUMERIC_SETTINGS: dict[str, Numeric] = {
-    "trials": Numeric(COUNT, True, "the number to finish, over every process"),
-    "timeout": Numeric(POSITIVE, False, "seconds"),
-    "workers": Numeric(COUNT, True, "worker processes"),
-    "max_params": Numeric(POSITIVE, False, "parameters"),
-    "seed": Numeric(SEED, True, "random init and sampler"),
-    "heartbeat": Numeric(COUNT, True, "seconds"),
-    "epochs": Numeric(COUNT, True, "training passes per trial"),
-    "train_images": Numeric(COUNT, True, "images per epoch"),
-    "val_images": Numeric(COUNT, True, "held-out images"),
+NUMERIC_SETTINGS: dict[str, Limit] = {
+    "trials": COUNT.but(note="the number to finish, over every process"),
+    "timeout": POSITIVE.but(note="seconds"),
+    "workers": COUNT.but(note="worker processes"),
+    "max_params": POSITIVE.but(note="parameters"),
+    "seed": SEED.but(note="random init and sampler"),
+    "heartbeat": COUNT.but(note="seconds"),
+    "epochs": COUNT.but(note="training passes per trial"),
+    "train_images": COUNT.but(note="images per epoch"),
+    "val_images": COUNT.but(note="held-out images"),
 }
 
 
 def accepted(name: str) -> str:
     """The accepted values of the numeric setting ``name``, as an error message says them."""
-    limit, integer, what = NUMERIC_SETTINGS[name]
-    return expected(limit, integer=integer, what=what)
+    return str(NUMERIC_SETTINGS[name])
 
 
 def check_number(name: str, value: Any) -> None:
     """Refuse a numeric setting outside its range, naming it and what is accepted."""
-    limit, integer, what = NUMERIC_SETTINGS[name]
-    check_value(name, value, limit, integer=integer, what=what)
+    NUMERIC_SETTINGS[name].check(name, value)
 
 
 def param_count(text: str) -> float:
@@ -121,7 +110,7 @@ def parse_number(name: str, text: str | None) -> float | int | None:
     except (ValueError, DynifyError) as err:
         example = ", e.g. 30M" if name == "max_params" else ""
         raise DynifyError(
-            f"{name} {text!r}: expected {accepted(name)}{example}", arguments=(name,)
+            f"{name} must be {accepted(name)}{example}, got {quoted(text)}", arguments=(name,)
         ) from err
 
 

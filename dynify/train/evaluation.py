@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 from torch import nn
 
+from dynify._limits import Limit
 from dynify.routing import dynamic_layers, routing_report
 from dynify.train.data import Data, data_config, eval_loader, load_data, sample_images
 from dynify.train.distributed import Processes, start_processes
 from dynify.train.precision import amp_dtype, memory_format, to_channels_last
-from dynify.train.settings import Accepts
 
 __all__ = ["RoutingProbe", "evaluate", "evaluate_loader"]
 
-_WORKERS = Accepts(integer=True, low=0, note="0: load in this process")
+_WORKERS = Limit(integer=True, low=0, note="0: load in this process")
 
 
 def evaluate(

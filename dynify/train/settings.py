@@ -6,7 +6,7 @@ teacher and the callbacks. Each field carries two pieces of metadata:
 - ``resume``: what a resumed run may do with it: :data:`SAME` (must equal the checkpoint's:
   it changes what the run computes), :data:`GROW` (``epochs``: may grow) or :data:`FREE`
   (how the run is carried out: workers, device, output, progress...);
-- ``accepts``: the :class:`Accepts` range of a numeric field, checked on construction.
+- ``accepts``: the :class:`~dynify._limits.Limit` range of a numeric field, checked on construction.
 
 The field names are the ``dynify finetune`` argparse destinations, so the command line
 builds its settings with one generic mapping, and a message naming a field (listed in the
@@ -15,13 +15,13 @@ error's ``arguments``) is shown there as the flag.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
+from dynify._limits import Limit
 from dynify.errors import DynifyError, DynifyTypeError, did_you_mean, quoted
 from dynify.schedule import TemperatureSchedule
 from dynify.train.data import Data
@@ -31,7 +31,6 @@ __all__ = [
     "GROW",
     "SAME",
     "SCHEDULERS",
-    "Accepts",
     "FinetuneSettings",
     "kept_on_resume",
 ]
@@ -67,69 +66,15 @@ GROW = "grow"  # may grow (``epochs``: the run continues up to the new total)
 FREE = "free"  # may change: it does not change what the run computes
 
 
-@dataclass(frozen=True)
-class Accepts:
-    """The values a numeric setting accepts: an int (``integer``; a bool is not one) or any
-    finite number, within ``low`` / ``high`` (inclusive unless ``*_open``); ``None`` too when
-    ``optional`` (the setting's default, which messages leave unsaid). ``note`` is added to
-    the message (what the value means)."""
-
-    integer: bool = False
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    optional: bool = False
-    note: str = ""
-
-    def accepts(self, value: Any) -> bool:
-        if value is None:
-            return self.optional
-        if isinstance(value, bool) or not isinstance(value, int if self.integer else int | float):
-            return False
-        if not math.isfinite(value):
-            return False
-        low, high = self.low, self.high
-        if low is not None and (value <= low if self.low_open else value < low):
-            return False
-        return high is None or (value < high if self.high_open else value <= high)
-
-    def __str__(self) -> str:
-        if self.integer and self.low == 1 and self.high is None:
-            text = "a positive integer"
-        else:
-            text = "an integer" if self.integer else "a finite number"
-            low, high = _number(self.low), _number(self.high)
-            if self.low is not None and self.high is not None:
-                left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-                text += f" in {left}{low}, {high}{right}"
-            elif self.low is not None:
-                text += f" {'>' if self.low_open else '>='} {low}"
-            elif self.high is not None:
-                text += f" {'<' if self.high_open else '<='} {high}"
-        return f"{text} ({self.note})" if self.note else text
-
-    def check(self, name: str, value: Any) -> None:
-        """Refuse ``value`` of the setting ``name`` unless accepted: one line naming it."""
-        if not self.accepts(value):
-            raise DynifyError(f"{name} must be {self}, got {quoted(value)}", arguments=(name,))
-
-
-def _number(value: float | None) -> str:
-    if value is None:
-        return ""
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def _rules(resume: str, accepts: Accepts | None = None) -> dict[str, Any]:
+def _rules(resume: str, accepts: Limit | None = None) -> dict[str, Any]:
     """A field's metadata: its ``resume`` rule and its ``accepts`` range."""
     return {"resume": resume, "accepts": accepts}
 
 
-_COUNT = Accepts(integer=True, low=1)
-_OPTIONAL_COUNT = Accepts(integer=True, low=1, optional=True)
-_NON_NEGATIVE = Accepts(low=0)
-_FRACTION = Accepts(low=0, high=1, low_open=True)
+_COUNT = Limit(integer=True, low=1)
+_OPTIONAL_COUNT = Limit(integer=True, low=1, optional=True)
+_NON_NEGATIVE = Limit(low=0)
+_FRACTION = Limit(low=0, high=1, low_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,38 +132,36 @@ class FinetuneSettings:
     epochs: int = field(metadata=_rules(GROW, _COUNT))
     batch_size: int = field(default=128, metadata=_rules(SAME, _COUNT))
     lr: float | None = field(
-        default=None, metadata=_rules(SAME, Accepts(low=0, low_open=True, optional=True))
+        default=None, metadata=_rules(SAME, Limit(low=0, low_open=True, optional=True))
     )
     opt: str = field(default="sgd", metadata=_rules(SAME))
     weight_decay: float = field(default=1e-4, metadata=_rules(SAME, _NON_NEGATIVE))
-    momentum: float = field(default=0.9, metadata=_rules(SAME, Accepts(low=0, high=1)))
+    momentum: float = field(default=0.9, metadata=_rules(SAME, Limit(low=0, high=1)))
     sched: str = field(default="cosine", metadata=_rules(SAME))
-    warmup_epochs: int = field(default=0, metadata=_rules(SAME, Accepts(integer=True, low=0)))
+    warmup_epochs: int = field(default=0, metadata=_rules(SAME, Limit(integer=True, low=0)))
     min_lr: float = field(default=0.0, metadata=_rules(SAME, _NON_NEGATIVE))
     smoothing: float = field(
-        default=0.1, metadata=_rules(SAME, Accepts(low=0, high=1, high_open=True))
+        default=0.1, metadata=_rules(SAME, Limit(low=0, high=1, high_open=True))
     )
     clip_grad: float | None = field(
-        default=None, metadata=_rules(SAME, Accepts(low=0, low_open=True, optional=True))
+        default=None, metadata=_rules(SAME, Limit(low=0, low_open=True, optional=True))
     )
     img_size: int | None = field(default=None, metadata=_rules(SAME, _OPTIONAL_COUNT))
     crop_pct: float | None = field(
-        default=None, metadata=_rules(SAME, Accepts(low=0, high=1, low_open=True, optional=True))
+        default=None, metadata=_rules(SAME, Limit(low=0, high=1, low_open=True, optional=True))
     )
     augment: bool = field(default=True, metadata=_rules(SAME))
     aug_scale: tuple[float, float] | None = field(default=None, metadata=_rules(SAME))
     temperature: TemperatureSchedule | None = field(default=None, metadata=_rules(SAME))
-    distill_weight: float = field(default=0.5, metadata=_rules(SAME, Accepts(low=0, high=1)))
+    distill_weight: float = field(default=0.5, metadata=_rules(SAME, Limit(low=0, high=1)))
     distill_temperature: float = field(
-        default=1.0, metadata=_rules(SAME, Accepts(low=0, low_open=True))
+        default=1.0, metadata=_rules(SAME, Limit(low=0, low_open=True))
     )
-    seed: int = field(
-        default=0, metadata=_rules(SAME, Accepts(integer=True, low=0, high=2**32 - 1))
-    )
+    seed: int = field(default=0, metadata=_rules(SAME, Limit(integer=True, low=0, high=2**32 - 1)))
     train_images: int | None = field(default=None, metadata=_rules(SAME, _OPTIONAL_COUNT))
     val_images: int | None = field(default=None, metadata=_rules(SAME, _OPTIONAL_COUNT))
     holdout: float = field(
-        default=0.1, metadata=_rules(SAME, Accepts(low=0, high=1, low_open=True, high_open=True))
+        default=0.1, metadata=_rules(SAME, Limit(low=0, high=1, low_open=True, high_open=True))
     )
     data_cache: str | os.PathLike[str] | None = field(default=None, metadata=_rules(FREE))
     output: str | os.PathLike[str] | None = field(default=None, metadata=_rules(FREE))
@@ -229,10 +172,10 @@ class FinetuneSettings:
     sync_bn: bool = field(default=False, metadata=_rules(FREE))
     workers: int = field(
         default=2,
-        metadata=_rules(FREE, Accepts(integer=True, low=0, note="0: load in this process")),
+        metadata=_rules(FREE, Limit(integer=True, low=0, note="0: load in this process")),
     )
     progress: bool = field(default=True, metadata=_rules(FREE))
-    routing_images: int = field(default=256, metadata=_rules(FREE, Accepts(integer=True, low=0)))
+    routing_images: int = field(default=256, metadata=_rules(FREE, Limit(integer=True, low=0)))
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str | os.PathLike | Data):
