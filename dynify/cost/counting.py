@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from dynify._modes import evaluating
 from dynify._opcount import CPU_ATTENTION_OPS, OpRecorder, record_ops
 from dynify.cost.pricing import DynamicShape, check_batch, dynamic_layer_cost, hw, index, price_plan
 from dynify.cost.report import CostReport, LayerCost
@@ -192,12 +193,11 @@ def measure_flops(
     if param is not None and param.device.type != dev.type:
         target = copy.deepcopy(model).to(dev)
     x = example_input(target, size, batch)
-    was_training = model.training
-    target.eval()
     mapping = dict.fromkeys(CPU_ATTENTION_OPS, _cpu_attention_flops)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-            target(x)
-    finally:
-        model.train(was_training)
+    with (
+        torch.no_grad(),
+        evaluating(target),
+        FlopCounterMode(display=False, custom_mapping=mapping) as counter,
+    ):
+        target(x)
     return int(counter.get_total_flops())

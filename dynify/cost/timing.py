@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dynify._device import resolve_device
+from dynify._modes import evaluating
 from dynify.errors import DynifyError
 from dynify.trace import check_input_size
 
@@ -92,12 +93,8 @@ def _on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         or (device.type == param.device.type and device.index is None)
     )
     target = model if here else copy.deepcopy(model).to(device)
-    was_training = model.training
-    target.eval()
-    try:
+    with evaluating(target):
         yield target
-    finally:
-        model.train(was_training)
 
 
 def example_input(
