@@ -32,6 +32,7 @@ from dynify.search.data import fit_budget, split_data
 from dynify.search.settings import SearchSettings, check_settings
 from dynify.search.space import SearchSpace, group_layers, load_space
 from dynify.search.storage import local_storage_file, redact_url
+from dynify.search.trials import meets
 from dynify.trace import ModelTrace, trace_model
 
 __all__ = [
@@ -190,8 +191,7 @@ def prepare(settings: SearchSettings) -> SearchContext:
     ctx.presets = [STATIC] + [
         name
         for name in PRESET_RECIPES
-        if name in bundled_names("recipes")
-        and all(v <= 0 for v in cost_constraints(ctx, preset_plan(ctx, name)).values())
+        if name in bundled_names("recipes") and meets(cost_constraints(ctx, preset_plan(ctx, name)))
     ]
     return ctx
 

@@ -25,7 +25,7 @@ from dynify.logging import get_logger
 from dynify.search.context import SearchContext, cost_constraints, latency_limit
 from dynify.search.sampling import plan_key, plan_of_trial
 from dynify.search.training import train_plan
-from dynify.search.trials import FINISHED, feasible
+from dynify.search.trials import FINISHED, feasible, meets
 
 __all__ = ["objective"]
 
@@ -82,7 +82,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, .
     trial.set_user_attr("converted", len(plan.converted))
     constraints = cost_constraints(ctx, plan)
     limit = latency_limit(ctx)
-    if any(v > 0 for v in constraints.values()):
+    if not meets(constraints):
         if limit is not None:
             constraints["latency"] = 0.0  # not measured: the count already fails
         _constrain(trial, constraints)
@@ -108,7 +108,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> float | tuple[float, .
         if limit is not None:
             constraints["latency"] = latency_s / limit - 1.0
     _constrain(trial, constraints)
-    if any(v > 0 for v in constraints.values()):
+    if not meets(constraints):
         return _worst(ctx)
 
     single = len(ctx.settings.objectives) == 1

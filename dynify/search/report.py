@@ -29,6 +29,7 @@ from dynify.convert import apply
 from dynify.cost import decimal_prefix, format_count
 from dynify.search.context import STATIC, SearchContext
 from dynify.search.sampling import plan_of_trial
+from dynify.search.trials import feasible
 
 __all__ = [
     "best_trials",
@@ -39,10 +40,6 @@ __all__ = [
     "trial_rows",
     "write_report",
 ]
-
-
-def _feasible(trial: FrozenTrial) -> bool:
-    return all(v <= 0 for v in trial.constraints.values())
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -68,7 +65,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "preset": t.user_attrs.get("preset", ""),
             "top1": values[0] if values else "",
             # Pruned trials were feasible too (only feasible plans are trained).
-            "feasible": _feasible(t) if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else "",
+            "feasible": feasible(t) if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else "",
             "macs": t.user_attrs.get("macs", ""),
             "flops": t.user_attrs.get("flops", ""),
             "params": t.user_attrs.get("params", ""),
@@ -140,7 +137,7 @@ def history_figure(study: optuna.Study, ctx: SearchContext) -> Any:
         "over budget": ([], []),
     }
     for t in sorted(done, key=lambda t: t.number):
-        if t.state == TrialState.COMPLETE and _feasible(t):
+        if t.state == TrialState.COMPLETE and feasible(t):
             kind, value = "feasible", t.values[0]
             if best is None or value > best.values[0]:
                 best = t
@@ -196,7 +193,7 @@ def pareto_figure(study: optuna.Study, ctx: SearchContext) -> Any:
     shown = [
         t
         for t in study.trials
-        if t.state == TrialState.COMPLETE and _feasible(t) and key in t.user_attrs
+        if t.state == TrialState.COMPLETE and feasible(t) and key in t.user_attrs
     ]
     for on_front in (False, True):
         group = [t for t in shown if (t.number in front) == on_front]
