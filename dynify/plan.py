@@ -176,16 +176,12 @@ class Plan:
                 continue
             s = lp.site
             shape = "x".join(str(v) for v in s.input_shape) if s.input_shape else "?"
-            kh, kw = s.kernel_size
-            conv = f"{s.in_channels}->{s.out_channels} {kh}x{kw}/{s.stride[0]}"
-            if s.groups > 1:
-                conv += " dw" if s.depthwise else f" g{s.groups}"
             st = lp.settings
             rows.append(
                 [
                     lp.name,
                     lp.kind,
-                    conv,
+                    s.label,
                     shape,
                     str(st.experts) if lp.convert else "-",
                     str(st.reduction) if lp.convert else "-",

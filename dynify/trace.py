@@ -84,6 +84,15 @@ class ConvSite:
         return self.out_channels * (self.in_channels // self.groups) * kh * kw
 
     @property
+    def label(self) -> str:
+        """The conv in a table cell: ``64->128 3x3/2``, with ``dw`` or ``g4`` when grouped."""
+        kh, kw = self.kernel_size
+        text = f"{self.in_channels}->{self.out_channels} {kh}x{kw}/{self.stride[0]}"
+        if self.groups > 1:
+            text += " dw" if self.depthwise else f" g{self.groups}"
+        return text
+
+    @property
     def output_hw(self) -> tuple[int, int] | None:
         return None if self.output_shape is None else self.output_shape[1:]
 

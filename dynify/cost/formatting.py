@@ -149,14 +149,6 @@ def format_totals(
     return format_table(["", "static", "converted", "change"], rows) + "\n" + note
 
 
-def _conv(site) -> str:
-    kh, kw = site.kernel_size
-    text = f"{site.in_channels}->{site.out_channels} {kh}x{kw}/{site.stride[0]}"
-    if site.groups > 1:
-        text += " dw" if site.depthwise else f" g{site.groups}"
-    return text
-
-
 def format_layers(
     plan: Plan, before: CostReport, after: CostReport, *, show_all: bool = False
 ) -> str:
@@ -173,7 +165,7 @@ def format_layers(
         rows.append(
             [
                 s.name,
-                _conv(s),
+                s.label,
                 "x".join(map(str, s.input_shape)) if s.input_shape else "?",
                 lp.kind,
                 str(lp.settings.experts) if lp.convert else "-",
