@@ -285,7 +285,7 @@ def test_finetune_records_routing_every_epoch(tmp_path: Path, splits: Path) -> N
     static = finetune(model=_tiny(), data=splits, epochs=1, batch_size=16, img_size=32,
                       workers=0, progress=False)  # fmt: skip
     assert "routing" not in static.history[0]
-    with pytest.raises(DynifyError, match="routing images"):
+    with pytest.raises(DynifyError, match=r"routing_images must be an integer >= 0, got -1"):
         finetune(model=model, data=splits, epochs=1, routing_images=-1)
 
 
