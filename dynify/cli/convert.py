@@ -4,44 +4,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
-from typing import Any
+
+from dynify.cli._arguments import add_command, add_model_arguments
 
 HELP = "convert a timm model's convs to dynamic convolutions and write an artifact"
-RECIPE_HELP = "recipe YAML file or bundled name (dycnn, mobile, condconv, all); default: dycnn"
-
-
-def add_command(
-    subparsers: argparse._SubParsersAction, name: str, help: str, details: str
-) -> argparse.ArgumentParser:
-    """The parser of command ``name``: ``help`` in the command list; the description is
-    ``help`` as a sentence, then ``details``."""
-    return subparsers.add_parser(
-        name, help=help, description=f"{help[0].upper()}{help[1:]}. {details}"
-    )
-
-
-def add_model_arguments(
-    p: argparse.ArgumentParser,
-    *,
-    model_help: str,
-    input_size_help: str,
-    optional: bool = False,
-    more_sources: Sequence[tuple[str, dict[str, Any]]] = (),
-) -> None:
-    """The arguments of a command that builds a timm model and plans its conversion: the
-    model (``optional``: may be left out), ``--recipe``, where the weights come from
-    (``--pretrained``, ``--checkpoint`` and ``more_sources``, ``(flag, add_argument
-    keywords)``, one of them at most), ``--num-classes`` and ``--input-size``."""
-    p.add_argument("model", nargs="?" if optional else None, help=model_help)
-    p.add_argument("--recipe", default=None, help=RECIPE_HELP)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--pretrained", action="store_true", help="start from timm's weights")
-    src.add_argument("--checkpoint", metavar="FILE", help="start from these weights")
-    for flag, kwargs in more_sources:
-        src.add_argument(flag, **kwargs)
-    p.add_argument("--num-classes", type=int, default=None, metavar="N")
-    p.add_argument("--input-size", default=None, metavar="C,H,W", help=input_size_help)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

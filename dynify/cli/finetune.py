@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from dynify.cli import (
-    COUNT,
-    check_limits,
-)
+from dynify.cli import COUNT, check_limits
+from dynify.cli._arguments import add_command, add_weights_source
 
 if TYPE_CHECKING:
     from dynify.train import FinetuneSettings
@@ -24,17 +22,15 @@ HELP = "fine-tune a converted model (temperature schedule, optional distillation
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "finetune",
-        help=HELP,
-        description=(
-            f"{HELP[0].upper()}{HELP[1:]}. MODEL_OR_ARTIFACT is a timm model name (converted "
-            "with --recipe first) or a .safetensors artifact from 'dynify convert'. Writes "
-            "OUTPUT/checkpoint.pth after every epoch (--resume continues from it exactly), "
-            "OUTPUT/metrics.json, and OUTPUT/model.safetensors at the end. Runs on several "
-            "GPUs or machines under torchrun, e.g. 'torchrun --nproc-per-node 4 -m dynify "
-            "finetune ...'."
-        ),
+        HELP,
+        "MODEL_OR_ARTIFACT is a timm model name (converted with --recipe first) or a "
+        ".safetensors artifact from 'dynify convert'. Writes OUTPUT/checkpoint.pth after every "
+        "epoch (--resume continues from it exactly), OUTPUT/metrics.json, and "
+        "OUTPUT/model.safetensors at the end. Runs on several GPUs or machines under "
+        "torchrun, e.g. 'torchrun --nproc-per-node 4 -m dynify finetune ...'.",
     )
     p.add_argument("model", metavar="MODEL_OR_ARTIFACT", help="timm name or .safetensors file")
     p.add_argument(
@@ -59,9 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="classes of the model (default: the data's); an ARTIFACT with another count gets "
         "a new classifier (timm's reset_classifier)",
     )
-    src = conv.add_mutually_exclusive_group()
-    src.add_argument("--pretrained", action="store_true", help="start from timm's weights")
-    src.add_argument("--checkpoint", metavar="FILE", help="start from these weights")
+    add_weights_source(conv)
     conv.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
 
     data = p.add_argument_group("data")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dynify.cli.convert import add_command, add_model_arguments
+from dynify.cli._arguments import add_command, add_model_arguments
 
 HELP = "show a model's convs and their cost (MACs, FLOPs, params) before and after conversion"
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import argparse
 
+from dynify.cli._arguments import add_command, add_weights_source
+
 HELP = "search which convs to make dynamic (and K, r, temperature) under a budget"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "search",
-        help=HELP,
-        description=(
-            "Optuna searches which convs to convert and each group's expert count K, "
-            "reduction r and the temperature schedule, under a compute budget. Plans are "
-            "priced by the cost model before anything is built; feasible ones are fine-tuned "
-            "and scored on held-out training images. Rerunning the same command resumes. "
-            "Defaults (model, input size, data, training per trial) come from the space file."
-        ),
+        HELP,
+        "Optuna searches which convs to convert and each group's expert count K, "
+        "reduction r and the temperature schedule, under a compute budget. Plans are "
+        "priced by the cost model before anything is built; feasible ones are fine-tuned "
+        "and scored on held-out training images. Rerunning the same command resumes. "
+        "Defaults (model, input size, data, training per trial) come from the space file.",
     )
     p.add_argument("model", nargs="?", help="timm model name (default: the space's)")
     p.add_argument(
@@ -62,9 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="accuracy",
         help="accuracy (default), accuracy,latency or accuracy,params (Pareto front)",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--pretrained", action="store_true", help="start from timm's weights")
-    src.add_argument("--checkpoint", metavar="FILE", help="start from these weights")
+    add_weights_source(p)
     p.add_argument("--seed", default="0", help="random init and sampler seed")
     p.add_argument(
         "--heartbeat",
