@@ -163,12 +163,12 @@ def _torch_dataset(text: str, *, cache_dir: str | os.PathLike[str] | None, downl
                 f"torch/{name}", root=str(root), split="validation", download=download
             )
     except (OSError, RuntimeError) as err:
-        reason = shorten(str(err).splitlines()[0], 160) if str(err) else type(err).__name__
+        reason = shorten(str(err), 160) or type(err).__name__
         how = "could not download" if download else "not found in"
         raise DynifyError(
             f"data {text!r}: {how} {name} into {str(root)!r} ({reason}); offline, copy the "
             f"dataset there or pass a folder or .tar instead"
-        ) from None
+        ) from err
     return Data(train, val, list(train.classes), text, f"{text} test split")
 
 
@@ -232,8 +232,8 @@ def _image_dataset(path: Path) -> Dataset:
     except Exception as err:  # timm's readers raise assorted errors on unreadable input
         raise DynifyError(
             f"data {str(path)!r} could not be read ({type(err).__name__}: "
-            f"{shorten(str(err).splitlines()[0], 120) if str(err) else ''}); expected {ACCEPTED}"
-        ) from None
+            f"{shorten(str(err), 120)}); expected {ACCEPTED}"
+        ) from err
     if len(ds) == 0:
         raise DynifyError(
             f"data {str(path)!r}: no images found (expected class sub-folders of .jpg/.png "
