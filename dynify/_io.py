@@ -49,23 +49,35 @@ def ensure_writable(
 
     Args:
         path: the file (or, with ``folder=True``, the folder) a command will write.
-        what: how the message names it (e.g. ``"--output"``).
+        what: how the message names it: the Python argument (``"output"``, listed in the
+            error's ``arguments``, so the command line shows its flag) or a flag.
         folder: the output is a folder of files rather than one file.
 
     Raises:
         DynifyError: one line naming the path and what is in the way.
     """
+    arguments = (what,) if what.isidentifier() else ()
     if not str(path).strip():
-        raise DynifyError(f"{what} is empty; give a {'folder' if folder else 'file'} path")
+        raise DynifyError(
+            f"{what} is empty; give a {'folder' if folder else 'file'} path", arguments=arguments
+        )
     target = Path(path)
     if target.exists():
         if folder and not target.is_dir():
-            raise DynifyError(f"{what} {str(target)!r} is a file; give a folder (new or existing)")
+            raise DynifyError(
+                f"{what} {str(target)!r} is a file; give a folder (new or existing)",
+                arguments=arguments,
+            )
         if not folder and target.is_dir():
-            raise DynifyError(f"{what} {str(target)!r} is a folder; give a file name")
+            raise DynifyError(
+                f"{what} {str(target)!r} is a folder; give a file name", arguments=arguments
+            )
         if not folder and not target.is_file():
             # A device or a pipe: replacing it by rename would be wrong, and as root harmful.
-            raise DynifyError(f"{what} {str(target)!r} is not a regular file; give a file name")
+            raise DynifyError(
+                f"{what} {str(target)!r} is not a regular file; give a file name",
+                arguments=arguments,
+            )
     # The folder that will receive a new entry: the target folder itself, or the closest
     # existing folder above the path (a later mkdir -p builds the rest).
     if folder and target.is_dir():
@@ -77,12 +89,14 @@ def ensure_writable(
     if not receiver.is_dir():
         raise DynifyError(
             f"{what} {str(target)!r}: {str(receiver)!r} is a file, not a folder; "
-            f"choose another path"
+            f"choose another path",
+            arguments=arguments,
         )
     if not os.access(receiver, os.W_OK | os.X_OK):
         raise DynifyError(
             f"{what} {str(target)!r}: the folder {str(receiver)!r} is not writable; "
-            f"choose another path"
+            f"choose another path",
+            arguments=arguments,
         )
     return target
 

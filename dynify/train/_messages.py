@@ -1,9 +1,9 @@
 """Which Python argument names a message may list in ``DynifyError.arguments``.
 
-The command line rewrites every listed name where it stands as a word, quoted values
-included: a path such as ``'runs/output/checkpoint.pth'`` would become
-``'runs/--output/checkpoint.pth'``. So a name is listed only when no quoted value of the
-message contains it (the message then shows that name as it is)."""
+The command line rewrites a listed name where it stands as a word outside quotes; a value a
+message shows unquoted (a data source such as ``/data/output/cifar``) could contain one and
+become ``/data/--output/cifar``. So a name is listed only when none of those values
+contains it (the message then shows that name as it is)."""
 
 from __future__ import annotations
 

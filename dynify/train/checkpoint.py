@@ -20,7 +20,6 @@ from torch import nn
 from dynify._io import atomic_torch_save
 from dynify.errors import DynifyError
 from dynify.models import state_dict_mismatch
-from dynify.train._messages import listable
 
 __all__ = ["CHECKPOINT_NAME", "FORMAT", "check_fits", "read", "write"]
 
@@ -40,7 +39,7 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DynifyError(
             f"nothing to resume: {str(p)!r} does not exist (start a new run, or point output "
             f"at the run to continue)",
-            arguments=listable(("output",), p),
+            arguments=("output",),
         )
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
@@ -65,5 +64,4 @@ def check_fits(state: dict[str, torch.Tensor], model: nn.Module, path: str | os.
         raise DynifyError(
             f"checkpoint {str(path)!r} does not fit this model: {mismatch} (another model, "
             f"class count or recipe: resume with the same model and recipe)",
-            arguments=listable(("recipe",), path, mismatch),
         )

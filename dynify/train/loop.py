@@ -30,7 +30,6 @@ from dynify._io import ensure_writable
 from dynify.errors import DynifyError, DynifyTypeError, TrainingDiverged
 from dynify.logging import get_logger
 from dynify.train import checkpoint, resume
-from dynify.train._messages import listable
 from dynify.train.data import Loaders, derive_seed, load_data, make_loaders
 from dynify.train.distributed import Processes, start_processes
 from dynify.train.evaluation import RoutingProbe, evaluate, evaluate_loader
@@ -138,10 +137,7 @@ def finetune(
     elif changes:
         settings = replace(settings, **changes)
     if settings.output is not None:
-        try:
-            ensure_writable(settings.output, what="output", folder=True)  # before any work
-        except DynifyError as err:
-            raise DynifyError(str(err), arguments=listable(("output",), settings.output)) from err
+        ensure_writable(settings.output, what="output", folder=True)  # before any work
     procs = start_processes(settings.device)
     try:
         return _Run(procs, model, settings, teacher=teacher).train(callbacks)
@@ -273,7 +269,7 @@ class _Run:
                 f"output {str(out)!r} already holds a run ({checkpoint.CHECKPOINT_NAME}); "
                 f"continue it with resume, or choose another output, so that it is not "
                 f"overwritten",
-                arguments=listable(("output", "resume"), out),
+                arguments=("output", "resume"),
             )
         path = (ckpt if s.resume is True else Path(s.resume)) if s.resume else None  # type: ignore[arg-type]
         # The checkpoint is read and its settings compared before any work.

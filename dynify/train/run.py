@@ -129,10 +129,7 @@ def finetune_to_artifact(
     else:
         label = f"{source}-{'static' if plan_recipe is None else plan_recipe.label}"
     asked = Path("runs") / label if settings.output is None else settings.output
-    try:
-        output = ensure_writable(asked, what="output", folder=True)  # "" is refused
-    except DynifyError as err:
-        raise DynifyError(str(err), arguments=listable(("output",), asked)) from err
+    output = ensure_writable(asked, what="output", folder=True)  # "" is refused
     # Subsets are finetune's to take (and its checkpoint's to record, so resume compares
     # them); here only the classes are needed.
     data = train_data.load_data(
