@@ -1216,7 +1216,7 @@ def test_two_commands_started_together_on_a_fresh_folder_share_the_study(files, 
 SEARCH = ROOT / "dynify" / "search"
 # The modules of dynify/search in the order they may import one another (docs/search.md).
 LAYOUT = [
-    "space", "settings", "storage", "data", "context", "sampling", "trials", "training",
+    "space", "settings", "storage", "data", "trials", "context", "sampling", "training",
     "objective", "claims", "identity", "worker", "report", "progress", "run", "study",
 ]  # fmt: skip
 
