@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dynify import _memory
-from dynify._memory import format_gib
+from dynify._memory import available_memory, format_gib  # available_memory: public here
 from dynify._modes import evaluating
 from dynify.errors import DynifyError, quoted
 from dynify.layers import DynamicConv2d
@@ -29,6 +29,7 @@ from dynify.trace import ModelTrace, trace_model
 __all__ = [
     "EQUIVALENCE_TOLERANCE",
     "apply",
+    "available_memory",
     "build_layer",
     "check_memory",
     "conversion_kind",
