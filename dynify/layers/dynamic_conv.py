@@ -24,6 +24,7 @@ from dynify.layers.attention import (
     _drawable,
     _reset_linear,
 )
+from dynify.layers.base import DynamicLayer
 
 __all__ = [
     "DEFAULT_ROUTING_STD",
@@ -50,7 +51,7 @@ torch.fx.wrap("dynamic_conv2d")
 _IntOrPair = int | tuple[int, int]
 
 
-class DynamicConv2d(nn.Module):
+class DynamicConv2d(DynamicLayer):
     """A drop-in for ``nn.Conv2d`` whose kernel is a per-sample mixture of ``num_experts``.
 
     ``W(x) = sum_k pi_k(x) W_k`` and ``b(x) = sum_k pi_k(x) b_k``, where ``pi(x)`` comes from a
@@ -73,7 +74,12 @@ class DynamicConv2d(nn.Module):
 
     Parameters: ``weight`` ``(K, C_out, C_in // groups, kh, kw)``, ``bias`` ``(K, C_out)``,
     and the attention's ``attention.fc1`` / ``attention.fc2``.
+
+    Kinds: ``dycnn`` (softmax attention) and ``condconv`` (sigmoid); the routing is the
+    ``(B, K)`` expert weights.
     """
+
+    KINDS = ("dycnn", "condconv")
 
     def __init__(
         self,
@@ -319,18 +325,15 @@ class DynamicConv2d(nn.Module):
         layer.train(conv.training)
         return layer
 
-    # -- temperature ------------------------------------------------------------------
-
     @property
-    def temperature(self) -> float:
-        """Softmax temperature T (the buffer ``attention.temperature``)."""
-        return float(self.attention.temperature)
+    def kind(self) -> str:
+        return "dycnn" if self.attention.kind == "softmax" else "condconv"
 
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        if float(value) <= 0:
-            raise DynifyError(f"temperature must be > 0, got {value}")
-        self.attention.temperature.fill_(float(value))
+    def expert_weights(self, routing: torch.Tensor) -> torch.Tensor:
+        return routing
+
+    def expert_kernels(self) -> torch.Tensor:
+        return self.weight
 
     # -- forward ----------------------------------------------------------------------
 
