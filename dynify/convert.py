@@ -20,8 +20,9 @@ from dynify import _memory
 from dynify._memory import available_memory, format_gib  # available_memory: public here
 from dynify._modes import evaluating
 from dynify.errors import DynifyError, quoted
-from dynify.layers import DynamicConv2d
+from dynify.layers.base import DynamicLayer
 from dynify.layers.conv_variants import conversion_kind, effective_weight
+from dynify.layers.kinds import layer_class
 from dynify.plan import LayerPlan, Plan, attach_plan, find_plan, plan_of, resolve_plan
 from dynify.recipe import RecipeLike, load_recipe
 from dynify.trace import ModelTrace, trace_model
@@ -48,26 +49,36 @@ EQUIVALENCE_TOLERANCE = 1e-4
 
 def build_layer(
     module: nn.Module, layer: LayerPlan, *, generator: torch.Generator | None = None
-) -> DynamicConv2d:
-    """The dynamic layer that replaces ``module`` according to ``layer``'s settings."""
+) -> DynamicLayer:
+    """The dynamic layer that replaces ``module`` according to ``layer``'s settings (its
+    ``kind``), computing what ``module`` does at creation."""
     cls, reason = conversion_kind(module)
     if cls is None:
         raise DynifyError(f"{layer.name}: cannot convert: {reason}")
     s = layer.settings
     with torch.no_grad():
         weight = effective_weight(module).detach()  # type: ignore[arg-type]
-    return cls.from_conv(
-        module,  # type: ignore[arg-type]
-        num_experts=s.experts,
-        reduction=s.reduction,
-        attention=s.attention,  # type: ignore[arg-type]
-        temperature=s.schedule.value(0),
-        init=s.init,  # type: ignore[arg-type]
-        **({} if s.routing_std is None else {"routing_std": s.routing_std}),
-        noise=s.noise if s.init == "perturb" else None,
-        weight=weight,
-        generator=generator,
-    )
+    if s.kind in ("dycnn", "condconv"):  # the mixture of experts; TF-'SAME' has its class
+        return cls.from_conv(
+            module,  # type: ignore[arg-type]
+            num_experts=s.experts,
+            reduction=s.reduction,
+            attention=s.attention,  # type: ignore[arg-type]
+            temperature=s.schedule.value(0),
+            init=s.init,  # type: ignore[arg-type]
+            **({} if s.routing_std is None else {"routing_std": s.routing_std}),
+            noise=s.noise if s.init == "perturb" else None,
+            weight=weight,
+            generator=generator,
+        )
+    options: dict[str, Any] = {"reduction": s.reduction, "weight": weight, "generator": generator}
+    if s.kind == "odconv":
+        options.update(num_experts=s.experts, temperature=s.schedule.value(0), init=s.init)
+        if s.routing_std is not None:
+            options["routing_std"] = s.routing_std
+    elif s.kind == "dcd":
+        options["rank"] = s.rank
+    return layer_class(s.kind).from_conv(module, **options)  # type: ignore[attr-defined]
 
 
 # -- planning and swapping ----------------------------------------------------------------

@@ -25,6 +25,8 @@ from dynify._table import format_table
 from dynify._yaml import Doc
 from dynify.errors import DynifyError, quoted, shorten
 from dynify.layers.attention import attention_hidden_width
+from dynify.layers.conv_variants import SAME_PAD_CLASSES
+from dynify.layers.kinds import layer_class
 from dynify.recipe import (
     LayerSettings,
     Recipe,
@@ -44,10 +46,15 @@ __all__ = [
     "Plan",
     "attach_plan",
     "find_plan",
+    "kind_unsupported_reason",
     "parse_plan",
     "plan_of",
     "resolve_plan",
 ]
+
+# Conv classes that may pad TF-'SAME' style at run time (what some kinds do not cover); a
+# plan sees the class name only, so a StdConv2dSame built without same_pad counts too.
+_SAME_PAD_TYPES = frozenset(cls.__name__ for cls in SAME_PAD_CLASSES)
 
 # The attribute of a converted model that holds its Plan.
 PLAN_ATTRIBUTE = "dynify_plan"
@@ -99,14 +106,25 @@ class LayerPlan:
 
     @property
     def params_after(self) -> int:
-        """Parameters once converted: K kernels (and biases) plus the attention's two layers."""
+        """Parameters once converted (the kind's own count of what it builds)."""
         if not self.convert:
             return self.site.params
-        s, k = self.site, self.settings.experts
-        hidden = attention_hidden_width(s.in_channels, self.settings.reduction)
-        experts = k * (s.weight_numel + (s.out_channels if s.bias else 0))
-        attention = s.in_channels * hidden + hidden + hidden * k + k
-        return experts + attention
+        s, st = self.site, self.settings
+        if st.kind in ("dycnn", "condconv"):  # K kernels (and biases), the attention's layers
+            k = st.experts
+            hidden = attention_hidden_width(s.in_channels, st.reduction)
+            experts = k * (s.weight_numel + (s.out_channels if s.bias else 0))
+            return experts + s.in_channels * hidden + hidden + hidden * k + k
+        return layer_class(st.kind).parameter_count(
+            in_channels=s.in_channels,
+            out_channels=s.out_channels,
+            kernel_size=tuple(s.kernel_size),
+            groups=s.groups,
+            bias=s.bias,
+            experts=st.experts,
+            reduction=st.reduction,
+            rank=st.rank,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -180,7 +198,7 @@ class Plan:
             rows.append(
                 [
                     lp.name,
-                    lp.kind,
+                    st.kind if lp.convert else "static",
                     s.label,
                     shape,
                     str(st.experts) if lp.convert else "-",
@@ -257,7 +275,7 @@ class Plan:
                     continue
                 if value != getattr(defaults, f.name):
                     changed[f.name] = value
-            label = f"K={settings.experts} r={settings.reduction} {settings.attention}"
+            label = f"{settings.kind} K={settings.experts} r={settings.reduction}"
             rules.append(Rule(select=Selector(name=tuple(names)), settings=changed, name=label))
         return Recipe(defaults=defaults, rules=tuple(rules), description=description)
 
@@ -287,6 +305,11 @@ def resolve_plan(
         settings, matched = recipe.settings_for(site, trace.num_stages)
         for i in matched:
             hits[i] += 1
+        if settings.convert and site.unsupported is None:
+            # A conv the swap can take over, but not every kind's formulation covers it.
+            uncovered = kind_unsupported_reason(settings.kind, site)
+            if uncovered is not None:
+                site = replace(site, unsupported=f"kind {settings.kind}: {uncovered}")
         layers.append(LayerPlan(site, settings, _reason(site, settings, matched, recipe)))
     if strict:
         for i, n in enumerate(hits):
@@ -309,6 +332,20 @@ def resolve_plan(
         fx_error=trace.fx_error,
         model_name=model_name,
         op_counts=trace.op_counts,
+    )
+
+
+def kind_unsupported_reason(kind: str, site: ConvSite) -> str | None:
+    """Why ``kind``'s formulation does not cover the conv at ``site`` (``None``: it does)."""
+    return layer_class(kind).unsupported_reason(
+        in_channels=site.in_channels,
+        out_channels=site.out_channels,
+        kernel_size=tuple(site.kernel_size),
+        stride=tuple(site.stride),
+        padding=site.padding if isinstance(site.padding, str) else tuple(site.padding),
+        dilation=tuple(site.dilation),
+        groups=site.groups,
+        same_pad=site.type_name in _SAME_PAD_TYPES,
     )
 
 

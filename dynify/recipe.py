@@ -3,9 +3,10 @@
 A recipe is YAML (or the same structure as a dict)::
 
     defaults:                 # settings every conv starts from
-      experts: 4              # K
-      reduction: 4            # r: attention hidden width = max(C_in // r, 4)
-      attention: softmax      # softmax (DY-CNN) | sigmoid (CondConv)
+      kind: dycnn             # dycnn | condconv | odconv | dcd (see below)
+      experts: 4              # K (dycnn, condconv, odconv; DCD mixes no experts)
+      reduction: 4            # r: attention hidden width = max(C_in // r, minimum)
+      rank: null              # dcd only: the latent dimension L (default floor(sqrt(C_in)))
       init: upcycle           # upcycle | scratch | perturb (how the experts start)
       routing_std: 1.0        # upcycle: std of the random attention's last layer
       temperature: 1          # a number, or {start, end, length, shape, unit}
@@ -31,6 +32,22 @@ A recipe is YAML (or the same structure as a dict)::
   but measured not to route (kept for comparison). Temperature default: 30 -> 1.
 
 ``temperature`` left out means the init's default; ``noise`` applies to ``perturb`` only.
+
+``kind`` says which dynamic convolution a conv becomes:
+
+- ``dycnn`` (default): DY-CNN, K experts mixed by softmax(z / T) (Chen et al., CVPR 2020);
+- ``condconv``: the same layer with sigmoid routing (CondConv, Yang et al., NeurIPS 2019);
+- ``odconv``: ODConv, attention over the kernel's spatial positions, input and output
+  channels and the K kernels (Li, Zhou, Yao, ICLR 2022); K = 1 keeps one kernel;
+- ``dcd``: DCD, the static kernel with a dynamic channel scale and a low-rank dynamic
+  residual (Li et al., ICLR 2021); no per-sample kernel, ``rank`` sets its latent size.
+
+A kind covers the convs its formulation does (``dynify.layers.kinds``); any other conv a
+rule gives it stays static, with the reason in the plan. The former ``attention: softmax``
+/ ``attention: sigmoid`` still reads as ``kind: dycnn`` / ``kind: condconv`` (with a
+deprecation warning). A field that does not apply to a kind (``rank`` beside ``kind:
+dycnn``, ``experts`` beside ``kind: dcd``) is an error in the rule that sets both; one
+inherited from the defaults is dropped from that conv's resolved settings.
 
 Priority: every conv starts from ``defaults``; then each rule whose ``select`` matches it is
 applied in file order, and a rule overrides only the fields it sets, so for each field the
@@ -75,8 +92,12 @@ from dynify.errors import DynifyError, quoted
 from dynify.layers.attention import ATTENTION_KINDS
 from dynify.layers.conv_variants import CONV_CLASSES
 from dynify.layers.dynamic_conv import EXPERT_INITS
+from dynify.layers.kinds import DEFAULT_KIND, KINDS
+from dynify.logging import get_logger
 from dynify.schedule import SCHEDULE_SHAPES, SCHEDULE_UNITS, TemperatureSchedule
 from dynify.trace import ConvSite
+
+_logger = get_logger(__name__)
 
 __all__ = [
     "CONV_TYPES",
@@ -98,14 +119,33 @@ CONV_TYPES: tuple[str, ...] = tuple(cls.__name__ for cls in CONV_CLASSES)
 
 SETTING_KEYS = (
     "convert",
+    "kind",
     "experts",
     "reduction",
-    "attention",
+    "rank",
     "init",
     "routing_std",
     "noise",
     "temperature",
 )
+# Keys a recipe may still write, read as another (with a deprecation warning).
+DEPRECATED_SETTING_KEYS = ("attention",)
+# The kind each former attention value meant.
+ATTENTION_KINDS_AS_KIND = {"softmax": "dycnn", "sigmoid": "condconv"}
+# The settings that apply to some kinds only, and those kinds.
+KIND_ONLY: dict[str, tuple[str, ...]] = {
+    "experts": ("dycnn", "condconv", "odconv"),
+    "rank": ("dcd",),
+    "routing_std": ("dycnn", "condconv", "odconv"),
+    "noise": ("dycnn", "condconv"),
+}
+# The inits each kind starts from (its ``from_conv``).
+KIND_INITS: dict[str, tuple[str, ...]] = {
+    "dycnn": ("upcycle", "scratch", "perturb"),
+    "condconv": ("upcycle", "scratch", "perturb"),
+    "odconv": ("upcycle",),
+    "dcd": ("upcycle",),
+}
 
 # The temperature schedule each init gets when a recipe sets none (bench/README.md,
 # "Routing", has the measurements behind these).
@@ -133,7 +173,7 @@ SELECTOR_KEYS = (
     "last_in_block",
     "classifier",
 )
-RULE_KEYS = ("name", "select", *SETTING_KEYS)
+RULE_KEYS = ("name", "select", *SETTING_KEYS, *DEPRECATED_SETTING_KEYS)
 TOP_KEYS = ("version", "description", "defaults", "rules", "strict")
 
 
@@ -146,9 +186,10 @@ class LayerSettings:
     """
 
     convert: bool = True
+    kind: str = DEFAULT_KIND
     experts: int = 4
     reduction: int = 4
-    attention: str = "softmax"
+    rank: int | None = None
     init: str = "upcycle"
     routing_std: float | None = None
     noise: float | None = None
@@ -162,6 +203,23 @@ class LayerSettings:
         return INIT_TEMPERATURES.get(self.init, INIT_TEMPERATURES["upcycle"])
 
     @property
+    def attention(self) -> str | None:
+        """``softmax`` / ``sigmoid`` for the kinds that mix K experts by one of them
+        (``dycnn`` / ``condconv``), else ``None``."""
+        return {"dycnn": "softmax", "condconv": "sigmoid"}.get(self.kind)
+
+    def for_kind(self) -> LayerSettings:
+        """These settings with the fields that do not apply to ``kind`` dropped (DCD mixes
+        no experts: ``experts`` 1), as a conv's resolved settings say them."""
+        changes: dict[str, Any] = {}
+        for key, kinds in KIND_ONLY.items():
+            if self.kind not in kinds and getattr(self, key) is not None:
+                changes[key] = 1 if key == "experts" else None
+        if self.kind not in ("dycnn", "condconv", "odconv") and self.experts != 1:
+            changes["experts"] = 1
+        return replace(self, **changes) if changes else self
+
+    @property
     def preserves_function(self) -> bool:
         """Whether the converted layer starts out computing exactly the original conv."""
         return self.init != "scratch"
@@ -172,7 +230,7 @@ class LayerSettings:
             out["temperature"] = self.temperature.to_dict()
         # Left out rather than null: "the init's default" survives a round trip (a rule that
         # switches init then still gets that init's temperature).
-        for key in ("routing_std", "noise", "temperature"):
+        for key in ("rank", "routing_std", "noise", "temperature"):
             if out[key] is None:
                 del out[key]
         return out
@@ -314,11 +372,18 @@ class Recipe:
             if rule.select.matches(site, num_stages):
                 settings = replace(settings, **rule.settings)
                 matched.append(i)
+        settings = settings.for_kind()
         if settings.temperature is None:  # the init's default, made explicit in the plan
             settings = replace(settings, temperature=settings.schedule)
         if settings.convert:
             where = f"{self.source or 'recipe'}: {site.name}"
             _check_noise(where, settings.noise, settings.init, "this conv resolves to")
+            if settings.init not in KIND_INITS[settings.kind]:
+                raise DynifyError(
+                    f"{where}: kind: {settings.kind} starts from init: "
+                    f"{', '.join(KIND_INITS[settings.kind])}, and this conv resolves to init: "
+                    f"{settings.init}; set init: upcycle for it"
+                )
         return settings, matched
 
     # -- (de)serialisation ------------------------------------------------------------
@@ -535,7 +600,10 @@ def parse_recipe(doc: Doc) -> Recipe:
         path = f"rules[{i}]"
         entry = doc.mapping(raw, path, RULE_KEYS)
         settings = _settings(
-            doc, {k: v for k, v in entry.items() if k in SETTING_KEYS}, path, SETTING_KEYS
+            doc,
+            {k: v for k, v in entry.items() if k in (*SETTING_KEYS, *DEPRECATED_SETTING_KEYS)},
+            path,
+            SETTING_KEYS,
         )
         if not settings:
             raise doc.error(path, f"a rule must set at least one of: {', '.join(SETTING_KEYS)}")
@@ -556,30 +624,70 @@ def parse_recipe(doc: Doc) -> Recipe:
     return Recipe(defaults, tuple(rules), strict, description, source)
 
 
-def _settings(doc: Doc, raw: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    entry = doc.mapping(raw, path, keys)
+def _settings(
+    doc: Doc, raw: Any, path: str, keys: tuple[str, ...], *, warn_deprecated: bool = True
+) -> dict[str, Any]:
+    """One mapping of settings, each value checked; a deprecated key is read as its
+    replacement (a warning unless ``warn_deprecated`` is off: plans written by older
+    versions are read without one)."""
+    entry = doc.mapping(raw, path, (*keys, *DEPRECATED_SETTING_KEYS))
     out: dict[str, Any] = {}
     for key, value in entry.items():
         sub = f"{path}.{key}"
         if key == "convert":
             out[key] = doc.boolean(value, sub)
-        elif key in ("experts", "reduction"):
+        elif key in ("experts", "reduction", "rank"):
             out[key] = doc.integer(value, sub, minimum=1)
+        elif key == "kind":
+            out[key] = doc.choice(value, sub, KINDS)
         elif key == "attention":
-            out[key] = doc.choice(value, sub, ATTENTION_KINDS)
+            kind = ATTENTION_KINDS_AS_KIND[doc.choice(value, sub, ATTENTION_KINDS)]
+            if "kind" in entry and entry["kind"] != kind:
+                raise doc.error(
+                    sub, f"attention: {value} means kind: {kind}, but kind: {entry['kind']} is set"
+                )
+            if warn_deprecated:
+                _logger.warning(
+                    "%s: 'attention: %s' is deprecated; write 'kind: %s'",
+                    doc.where(sub),
+                    value,
+                    kind,
+                )
+            out["kind"] = kind
         elif key == "init":
             out[key] = doc.choice(value, sub, EXPERT_INITS)
         elif key in ("noise", "routing_std"):
             out[key] = doc.number(value, sub, minimum=0)
         elif key == "temperature":
             out[key] = _temperature(doc, value, sub)
+    _check_kind_fields(doc, out, path)
     return out
+
+
+def _check_kind_fields(doc: Doc, values: dict[str, Any], path: str) -> None:
+    """A mapping that sets a kind and a field that kind has no use for is a mistake."""
+    kind = values.get("kind")
+    if kind is None:
+        return
+    for key, kinds in KIND_ONLY.items():
+        if key in values and values[key] is not None and kind not in kinds:
+            if key == "experts" and values[key] == 1:
+                continue  # K=1 is every kind's
+            raise doc.error(
+                f"{path}.{key}" if path else key,
+                f"{key} applies to kind: {', '.join(kinds)}, not {kind}; remove it here",
+            )
+    if "init" in values and values["init"] not in KIND_INITS[kind]:
+        raise doc.error(
+            f"{path}.init" if path else "init",
+            f"kind: {kind} starts from init: {', '.join(KIND_INITS[kind])}, got {values['init']}",
+        )
 
 
 def parse_settings(doc: Doc, raw: Any, path: str) -> LayerSettings:
     """One conv's resolved settings (a plan's ``settings``), every field checked as in a
     recipe; one line naming ``path`` and the key at fault otherwise."""
-    values = _settings(doc, raw, path, SETTING_KEYS)
+    values = _settings(doc, raw, path, SETTING_KEYS, warn_deprecated=False)
     if "init" not in values and values.get("noise"):
         values["init"] = "perturb"  # a plan saved before inits existed: built that way
     settings = LayerSettings(**values)

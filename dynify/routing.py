@@ -1,5 +1,11 @@
 """Routing diagnostics: does a converted model's attention actually route?
 
+Every kind of dynamic layer (``dynify.layers.base.DynamicLayer``) is measured the same way:
+its routing is one ``(B, D)`` tensor, frozen at its mean for the effects below; the expert
+figures (usage, entropy, expert spread) read the K expert weights of the kinds that mix
+experts, and a kind that mixes none (DCD, ODConv with K = 1) counts as one expert, with the
+sample spread of its whole routing relative to its size.
+
 A dynamic layer is worth its K experts only if its attention differs from sample to sample
 *and* its experts differ from one another; otherwise it computes a static conv with K times
 the parameters. :func:`routing_report` measures both on a set of images, per layer:
@@ -41,7 +47,7 @@ from dynify._io import atomic_write_bytes
 from dynify._modes import evaluating
 from dynify._table import format_table
 from dynify.errors import DynifyError
-from dynify.layers import DynamicConv2d
+from dynify.layers.base import DynamicLayer
 
 __all__ = ["LayerRouting", "RoutingReport", "dynamic_layers", "routing_report"]
 
@@ -54,7 +60,7 @@ class LayerRouting:
 
     name: str
     experts: int
-    attention: str
+    attention: str  # softmax / sigmoid (a mixture of experts), else the layer's kind
     usage: tuple[float, ...]
     entropy: float
     sample_spread: float
@@ -62,6 +68,7 @@ class LayerRouting:
     output_effect: float
     logit_effect: float | None = None
     logit_flips: float | None = None
+    kind: str = "dycnn"  # dycnn, condconv, odconv, dcd
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -80,8 +87,10 @@ class RoutingReport:
 
     @property
     def entropy(self) -> float:
-        """Mean attention entropy over the layers (1 = uniform everywhere)."""
-        return _mean([lr.entropy for lr in self.layers])
+        """Mean expert-attention entropy over the layers that mix experts (1 = uniform
+        everywhere; 1 too when no layer mixes experts, as for a single expert)."""
+        mixing = [lr.entropy for lr in self.layers if lr.experts > 1]
+        return _mean(mixing) if mixing else 1.0
 
     @property
     def sample_spread(self) -> float:
@@ -89,7 +98,8 @@ class RoutingReport:
 
     @property
     def expert_spread(self) -> float:
-        return _mean([lr.expert_spread for lr in self.layers])
+        """Mean expert spread over the layers that mix experts (0 when none does)."""
+        return _mean([lr.expert_spread for lr in self.layers if lr.experts > 1])
 
     def summary(self) -> str:
         """One line: the model's routing effect, flips and the layers' mean figures."""
@@ -173,11 +183,11 @@ class RoutingReport:
         return path
 
 
-def dynamic_layers(model: nn.Module) -> list[tuple[str, DynamicConv2d]]:
-    """``(name, layer)`` for every dynamic layer of ``model`` (DDP / compile wrappers
-    unwrapped), in module order."""
+def dynamic_layers(model: nn.Module) -> list[tuple[str, DynamicLayer]]:
+    """``(name, layer)`` for every dynamic layer of ``model``, of any kind (DDP / compile
+    wrappers unwrapped), in module order."""
     model = unwrap_model(model)
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicConv2d)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicLayer)]
 
 
 @torch.no_grad()
@@ -251,25 +261,32 @@ def routing_report(
 
     results = []
     for name, layer in layers:
-        p = _normalised(attention[name])
-        k = layer.num_experts
-        entropy = 1.0 if k == 1 else float(_entropy(p).mean() / math.log(k))
-        usage = p.mean(dim=0)
-        spread = float(p.var(dim=0, unbiased=False).mean().sqrt())
+        weights = layer.expert_weights(attention[name])
+        if weights is not None:  # a mixture of K experts: the figures of its weights
+            p = _normalised(weights)
+            k = p.shape[1]
+            entropy = 1.0 if k == 1 else float(_entropy(p).mean() / math.log(k))
+            usage = p.mean(dim=0)
+            spread = float(p.var(dim=0, unbiased=False).mean().sqrt())
+        else:  # no experts (DCD, ODConv with K = 1): how far the routing moves, relatively
+            k, entropy, usage = 1, 1.0, torch.ones(1)
+            spread = _relative_spread(attention[name])
+        kernels = layer.expert_kernels()
         total, diff = sq[name].tolist()
         logit = per_layer.get(name)
         results.append(
             LayerRouting(
                 name=name,
                 experts=k,
-                attention=layer.attention.kind,
+                attention=getattr(layer.attention, "kind", layer.kind),
                 usage=tuple(float(u) for u in usage),
                 entropy=entropy,
                 sample_spread=spread,
-                expert_spread=expert_spread(layer.weight),
+                expert_spread=0.0 if kernels is None else expert_spread(kernels),
                 output_effect=math.sqrt(diff / total) if total > 0 else 0.0,
                 logit_effect=logit[0] if logit else None,
                 logit_flips=logit[1] if logit else None,
+                kind=layer.kind,
             )
         )
     return RoutingReport(tuple(results), n, effect, flips)
@@ -330,7 +347,7 @@ def _recorder(store: list[torch.Tensor]):
     return hook
 
 
-def _local_effect(layer: DynamicConv2d, mean: torch.Tensor, acc: torch.Tensor):
+def _local_effect(layer: DynamicLayer, mean: torch.Tensor, acc: torch.Tensor):
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
         (x,) = args
         frozen_routing = mean.to(output.device, output.dtype).expand(x.shape[0], -1)
@@ -353,7 +370,7 @@ def _frozen_effect(
     net: nn.Module,
     batches: list[torch.Tensor],
     reference: list[torch.Tensor],
-    layers: list[tuple[str, DynamicConv2d]],
+    layers: list[tuple[str, DynamicLayer]],
     mean: dict[str, torch.Tensor],
 ) -> tuple[float, float]:
     hooks = [layer.attention.register_forward_hook(_freezer(mean[n])) for n, layer in layers]
@@ -371,6 +388,16 @@ def _frozen_effect(
         for h in hooks:
             h.remove()
     return (math.sqrt(diff / total) if total > 0 else 0.0), flipped / max(count, 1)
+
+
+def _relative_spread(routing: torch.Tensor) -> float:
+    """``sqrt(mean_d Var_x r_d(x) / mean_d mean_x r_d(x)^2)``: how far a routing vector that
+    is not a set of expert weights moves across images, relative to its size (0 = the same
+    for every image)."""
+    power = float(routing.square().mean())
+    if power == 0:
+        return 0.0
+    return math.sqrt(float(routing.var(dim=0, unbiased=False).mean()) / power)
 
 
 def _normalised(a: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from dynify.layers.dynamic_conv_same import DynamicConv2dSame
 
 __all__ = [
     "CONV_CLASSES",
+    "SAME_PAD_CLASSES",
     "conversion_kind",
     "effective_weight",
     "is_conv",
@@ -37,6 +38,10 @@ __all__ = [
 _SUPPORTED = (Conv2dSame, StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 _STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 _KNOWN_FORWARDS = frozenset({nn.Conv2d.forward, *(cls.forward for cls in _SUPPORTED)})
+# timm's classes that may pad TF-'SAME' style at run time (StdConv2dSame and
+# ScaledStdConv2dSame when built with same_pad).
+SAME_PAD_CLASSES: tuple[type[nn.Module], ...] = (Conv2dSame, StdConv2dSame, ScaledStdConv2dSame)
+
 # The conv classes of torch and timm that the trace reports by name (a recipe's ``type``
 # selector accepts these names); timm's export variant of 'SAME' padding is reported but,
 # its forward being its own, left static.

@@ -17,7 +17,7 @@ from typing import Any
 from timm.utils import unwrap_model
 from torch import nn
 
-from dynify.layers import DynamicConv2d
+from dynify.layers.base import DynamicLayer
 from dynify.plan import find_plan
 from dynify.schedule import TemperatureSchedule
 
@@ -25,7 +25,8 @@ __all__ = ["TemperatureScheduler"]
 
 
 class TemperatureScheduler:
-    """Drive every :class:`~dynify.DynamicConv2d` of ``model`` along its temperature schedule.
+    """Drive every dynamic layer of ``model`` that has a temperature (DY-CNN, CondConv,
+    ODConv; not DCD) along its temperature schedule.
 
     Each dynamic layer follows the schedule its plan gives it (``dynify.plan_of(model)``:
     the recipe's ``temperature`` per layer); a model without a plan (layers built by hand)
@@ -61,7 +62,7 @@ class TemperatureScheduler:
         ):
             raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
         self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
-        self.layers: list[tuple[str, DynamicConv2d, TemperatureSchedule]] = _layer_schedules(
+        self.layers: list[tuple[str, DynamicLayer, TemperatureSchedule]] = _layer_schedules(
             model, default=default or TemperatureSchedule(), override=schedule
         )
         if self.steps_per_epoch is None:
@@ -162,13 +163,13 @@ class TemperatureScheduler:
 
 def _layer_schedules(
     model: nn.Module, *, default: TemperatureSchedule, override: TemperatureSchedule | None
-) -> list[tuple[str, DynamicConv2d, TemperatureSchedule]]:
+) -> list[tuple[str, DynamicLayer, TemperatureSchedule]]:
     plan = find_plan(model)
     model = unwrap_model(model)
     planned = {lp.name: lp.settings.schedule for lp in plan.converted} if plan else {}
     out = []
     for name, module in model.named_modules():
-        if isinstance(module, DynamicConv2d):
+        if isinstance(module, DynamicLayer) and module.has_temperature:
             sched = override or planned.get(name, default)
             out.append((name, module, sched))
     return out
