@@ -822,3 +822,56 @@ def test_the_readmes_builder_example_is_its_yaml_example() -> None:
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["recipe"] == load_recipe(yaml.safe_load(yaml_block.group(1)))
+
+
+# -- kinds ----------------------------------------------------------------------------------
+
+
+def test_attention_reads_as_kind_with_a_deprecation_warning(caplog) -> None:
+    with caplog.at_level("WARNING", logger="dynify"):
+        recipe = load_recipe(
+            {
+                "defaults": {"attention": "sigmoid"},
+                "rules": [{"select": {"stage": 1}, "attention": "softmax"}],
+            }
+        )
+    assert recipe.defaults.kind == "condconv" and recipe.defaults.attention == "sigmoid"
+    assert recipe.rules[0].settings == {"kind": "dycnn"}
+    said = [r.getMessage() for r in caplog.records]
+    assert any("'attention: sigmoid' is deprecated; write 'kind: condconv'" in m for m in said)
+    assert any("'attention: softmax' is deprecated; write 'kind: dycnn'" in m for m in said)
+    plan = resolve_plan(TRACE, recipe)
+    assert plan.layer("s1.0.pw").settings.kind == "dycnn"
+    assert plan.layer("head.fc").settings.kind == "condconv"
+    # Written back, the recipe says kind, never attention.
+    assert "attention" not in yaml.safe_dump(recipe.to_dict())
+
+
+def test_a_plan_written_with_attention_reads_without_a_warning(caplog) -> None:
+    with caplog.at_level("WARNING", logger="dynify"):
+        settings = LayerSettings.from_dict({"experts": 4, "attention": "sigmoid"})
+    assert settings.kind == "condconv" and not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("defaults", "message"),
+    [
+        ({"kind": "odconvv"}, r"defaults\.kind: .*'odconvv'"),
+        ({"kind": "dycnn", "attention": "sigmoid"}, "attention: sigmoid means kind: condconv"),
+        ({"kind": "dycnn", "rank": 8}, r"defaults\.rank: rank applies to kind: dcd"),
+        ({"rank": 0}, r"defaults\.rank: expected an integer >= 1"),
+    ],
+)
+def test_kind_fields_are_checked_like_the_others(defaults, message) -> None:
+    with pytest.raises(DynifyError, match=message):
+        load_recipe({"defaults": defaults})
+
+
+def test_a_rule_that_switches_kind_keeps_the_fields_that_kind_uses() -> None:
+    recipe = load_recipe(
+        {"defaults": {"experts": 4}, "rules": [{"select": {"stage": 1}, "kind": "condconv"}]}
+    )
+    plan = resolve_plan(TRACE, recipe)
+    pw = plan.layer("s1.0.pw").settings
+    assert (pw.kind, pw.experts, pw.rank) == ("condconv", 4, None)
+    assert plan.layer("head.fc").settings.kind == "dycnn"

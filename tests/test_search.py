@@ -75,7 +75,7 @@ granularity: stage
 choices:
   experts: [1, 2, 4, 8]
   reduction: [4]
-  attention: [softmax]
+  kind: [dycnn]
 temperature:
   start: [10, 30]
   end: [1]

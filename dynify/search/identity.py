@@ -48,7 +48,7 @@ def study_identity(ctx: SearchContext) -> dict[str, Any]:
         "granularity": space.granularity,
         "experts": list(space.experts),
         "reduction": list(space.reduction),
-        "attention": list(space.attention),
+        "kinds": list(space.kinds),
         "temperature": repr(space.temperature),
         "training": repr(space.training),
     }

@@ -37,7 +37,8 @@ def _schedule_from(trial: optuna.Trial, space: SearchSpace) -> TemperatureSchedu
 
 def sample_recipe(trial: optuna.Trial, ctx: SearchContext) -> Recipe:
     """The recipe a trial's parameters describe: every candidate group gets an expert count
-    (1 = stays static) and, when dynamic, a reduction and an attention kind."""
+    (1 = stays static) and, when dynamic, a reduction and a kind (DCD mixes no experts:
+    its groups' expert counts all give the same plan, which the search trains once)."""
     space = ctx.space
     schedule = _schedule_from(trial, space)
     rules = [Rule(Selector(), {"convert": False}, name="static unless chosen")]
@@ -46,12 +47,12 @@ def sample_recipe(trial: optuna.Trial, ctx: SearchContext) -> Recipe:
         if experts == 1:
             continue
         reduction = trial.suggest_categorical(f"reduction.{group}", list(space.reduction))
-        attention = trial.suggest_categorical(f"attention.{group}", list(space.attention))
+        kind = trial.suggest_categorical(f"kind.{group}", list(space.kinds))
         settings = {
             "convert": True,
+            "kind": kind,
             "experts": experts,
             "reduction": reduction,
-            "attention": attention,
             "temperature": schedule,
         }
         rules.append(Rule(Selector(name=tuple(names)), settings, name=group))

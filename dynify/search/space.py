@@ -13,7 +13,7 @@ A space is YAML (bundled ones live in the top-level ``search/`` folder)::
     choices:
       experts: [1, 2, 4, 8]     # 1 = the group stays static
       reduction: [4, 8]
-      attention: [softmax]
+      kind: [dycnn, odconv, dcd]  # the kinds of dynamic conv to choose from per group
     temperature:                # one schedule per trial
       start: [1, 5]
       end: [1]
@@ -41,9 +41,13 @@ from dynify._resources import locate
 from dynify._yaml import Doc, load_yaml_file
 from dynify.errors import quoted
 from dynify.layers.attention import ATTENTION_KINDS
+from dynify.layers.kinds import KINDS
+from dynify.logging import get_logger
 from dynify.plan import LayerPlan, Plan
-from dynify.recipe import Recipe, parse_recipe
+from dynify.recipe import ATTENTION_KINDS_AS_KIND, Recipe, parse_recipe
 from dynify.schedule import SCHEDULE_SHAPES, SCHEDULE_UNITS
+
+_logger = get_logger(__name__)
 
 __all__ = [
     "DEFAULT_SPACE",
@@ -71,7 +75,7 @@ TOP_KEYS = (
     "temperature",
     "training",
 )
-CHOICE_KEYS = ("experts", "reduction", "attention")
+CHOICE_KEYS = ("experts", "reduction", "kind", "attention")  # attention: deprecated, as kind
 TEMPERATURE_KEYS = ("start", "end", "length", "shape", "unit")
 TRAINING_KEYS = ("epochs", "train_images", "val_images", "batch_size", "lr", "workers", "seed")
 
@@ -113,7 +117,7 @@ class SearchSpace:
     granularity: Granularity = "stage"
     experts: tuple[int, ...] = (1, 2, 4, 8)
     reduction: tuple[int, ...] = (4,)
-    attention: tuple[str, ...] = ("softmax",)
+    kinds: tuple[str, ...] = ("dycnn",)
     temperature: TemperatureChoices = field(default_factory=TemperatureChoices)
     training: TrainingBudget = field(default_factory=TrainingBudget)
     description: str | None = None
@@ -192,12 +196,24 @@ def parse_space(doc: Doc) -> SearchSpace:
         kwargs["experts"] = _choices(doc, choices["experts"], "choices.experts", ints)
     if "reduction" in choices:
         kwargs["reduction"] = _choices(doc, choices["reduction"], "choices.reduction", ints)
-    if "attention" in choices:
-        kwargs["attention"] = _choices(
+    if "kind" in choices and "attention" in choices:
+        raise doc.error("choices.attention", "give the kinds as choices.kind alone")
+    if "kind" in choices:
+        kwargs["kinds"] = _choices(
+            doc, choices["kind"], "choices.kind", lambda v, p: doc.choice(v, p, KINDS)
+        )
+    elif "attention" in choices:
+        attention = _choices(
             doc,
             choices["attention"],
             "choices.attention",
             lambda v, p: doc.choice(v, p, ATTENTION_KINDS),
+        )
+        kwargs["kinds"] = tuple(ATTENTION_KINDS_AS_KIND[a] for a in attention)
+        _logger.warning(
+            "%s: 'choices.attention' is deprecated; write 'choices.kind: [%s]'",
+            doc.where("choices.attention"),
+            ", ".join(kwargs["kinds"]),
         )
     return SearchSpace(
         model=model,
