@@ -260,13 +260,18 @@ GRAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("batch", "strategy"), [(1, "single"), (2, "folded"), (2, "per_sample")])
+@pytest.mark.parametrize(
+    ("batch", "strategy"), [(1, "single"), (2, "folded"), (3, "folded"), (3, "per_sample")]
+)
 @pytest.mark.parametrize(("cfg", "num_experts"), GRAD_CASES, ids=lambda c: str(c))
 def test_gradcheck(cfg, num_experts, batch, strategy, force_strategy):
     """float64 gradients with respect to the input and every parameter (fast mode: random
-    projections of the Jacobian; the attention alone has hundreds of parameters)."""
+    projections of the Jacobian; the attention alone has hundreds of parameters). At batch
+    3, chunks of 2 and 1 samples."""
     force_strategy(strategy)
     layer = make_layer(cfg, num_experts).double()
+    if batch == 3:
+        layer.max_kernel_bytes = 2 * layer.weight[0].numel() * layer.weight.element_size()
     names = [n for n, _ in layer.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for _, p in layer.named_parameters())
     x = torch.randn(batch, cfg["in_channels"], 5, 6, dtype=torch.float64) + 0.5
@@ -293,9 +298,13 @@ def test_gradcheck_full_jacobian():
     assert torch.autograd.gradcheck(f, (x, weight, heads))
 
 
-def test_gradients_match_reference():
+@pytest.mark.parametrize("num_experts", [1, 4])
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+def test_gradients_match_reference(chunk, num_experts):
     cfg = _cfg(groups=2, padding=1, padding_mode="circular")
-    layer = make_layer(cfg, 4)
+    layer = make_layer(cfg, num_experts)
+    if chunk is not None:
+        layer.max_kernel_bytes = chunk * layer.weight[0].numel() * layer.weight.element_size()
     x = make_input(cfg, 4).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     layer(x).square().sum().backward()
@@ -305,6 +314,26 @@ def test_gradients_match_reference():
     assert rel_err(x.grad, x2.grad) < 1e-5
     for n, p in layer.named_parameters():
         assert rel_err(grads[n], p.grad) < 1e-5, n
+
+
+@pytest.mark.parametrize("num_experts", [1, 4])
+def test_autograd_does_not_save_the_per_sample_kernels(num_experts):
+    """Under autograd the batch's kernels are rebuilt in backward, not kept: what the graph
+    saves is the input, the attentions and the experts, whatever the batch."""
+    layer = ODConv2d(32, 32, 3, padding=1, num_experts=num_experts)
+    x = torch.randn(16, 32, 4, 4, requires_grad=True)
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    kernels = x.shape[0] * layer.weight[0].numel()
+    assert max(saved) < kernels, (max(saved), kernels)
+    out.square().sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
 
 
 # -- from_conv ------------------------------------------------------------------------------

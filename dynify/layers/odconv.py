@@ -43,13 +43,17 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from dynify.errors import DynifyError, DynifyTypeError
 from dynify.layers._functional import (
+    _BACKWARD_MAX_KERNEL_BYTES,
     DEFAULT_MAX_KERNEL_BYTES,
+    Strategy,
     _chunk_size,
     _conv_chunk,
+    _conv_chunk_backward,
     _is_symbolic,
     _memory_format_of,
     _output_hw,
@@ -257,10 +261,13 @@ def od_conv2d(
 
     Without a spatial attention the kernel is ``sum_i a_w,i W_i``: DY-CNN's
     :func:`~dynify.layers.dynamic_conv2d` (every formulation, bounded memory), or one
-    ordinary convolution when K = 1. With one, each sample's kernel is built (in chunks of
-    at most ``max_kernel_bytes`` in eager mode) and convolved: one ordinary convolution at
-    batch 1, else the batch-folded grouped convolution or a loop of per-sample convolutions,
-    whichever ``choose_strategy`` finds faster; the folded one under compile / export.
+    ordinary convolution when K = 1. With one, each sample's kernel is built and convolved:
+    one ordinary convolution at batch 1, else the batch-folded grouped convolution or a loop
+    of per-sample convolutions, whichever ``choose_strategy`` finds faster, in chunks of at
+    most ``max_kernel_bytes`` of kernels; under autograd only the input and the attentions
+    are saved and backward rebuilds each chunk's kernels (as ``dynamic_conv2d`` does), so
+    the extra memory does not grow with the batch. Under compile / export: the plain
+    folded convolution.
     Returns ``(B, C_out, H_out, W_out)`` in ``x``'s memory layout.
     """
     fmt = _memory_format_of(x)
@@ -283,15 +290,13 @@ def od_conv2d(
         strategy = choose_strategy(batch, weight.shape, (x.shape[2], x.shape[3]), out_hw, groups)
         if strategy not in ("folded", "per_sample"):
             strategy = "folded"  # "stacked" mixes outputs, which a spatial attention forbids
-        chunk = _chunk_size(batch, weight, max_kernel_bytes)
-        outs = []
-        for start in range(0, batch, chunk):
-            part = slice(start, min(start + chunk, batch))
-            kernels = _od_kernels(
-                None if kernel_att is None else kernel_att[part], spatial_att[part], weight
-            )
-            outs.append(_conv_chunk(x[part], kernels, strategy, stride, padding, dilation, groups))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        args = (strategy, stride, padding, dilation, groups, max_kernel_bytes)
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, kernel_att, spatial_att, weight)
+        ):
+            out = _ODConvFunction.apply(x, kernel_att, spatial_att, weight, *args)
+        else:
+            out = _chunked_forward(x, kernel_att, spatial_att, weight, *args)
     if filter_att is not None:
         out = out * filter_att[:, :, None, None]
     if bias is not None:
@@ -303,6 +308,99 @@ def od_conv2d(
 # likewise the layout fix-up, which inspects strides.
 torch.fx.wrap("od_conv2d")
 torch.fx.wrap("_keep_layout")
+
+
+def _chunked_forward(
+    x: torch.Tensor,
+    kernel_att: torch.Tensor | None,
+    spatial_att: torch.Tensor,
+    weight: torch.Tensor,
+    strategy: Strategy,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    max_kernel_bytes: int,
+) -> torch.Tensor:
+    batch = x.shape[0]
+    chunk = _chunk_size(batch, weight, max_kernel_bytes)
+    outs = []
+    for start in range(0, batch, chunk):
+        part = slice(start, min(start + chunk, batch))
+        k_att = None if kernel_att is None else kernel_att[part]
+        kernels = _od_kernels(k_att, spatial_att[part], weight)
+        outs.append(_conv_chunk(x[part], kernels, strategy, stride, padding, dilation, groups))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class _ODConvFunction(torch.autograd.Function):
+    """Chunked ODConv convolution that rebuilds kernels in backward instead of saving them."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        kernel_att: torch.Tensor | None,
+        spatial_att: torch.Tensor,
+        weight: torch.Tensor,
+        strategy: Strategy,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        max_kernel_bytes: int,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, kernel_att, spatial_att, weight)
+        ctx.conf = (strategy, stride, padding, dilation, groups, max_kernel_bytes)
+        return _chunked_forward(
+            x, kernel_att, spatial_att, weight, strategy, stride, padding, dilation, groups,
+            max_kernel_bytes,
+        )  # fmt: skip
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, kernel_att, spatial_att, weight = ctx.saved_tensors
+        strategy, stride, padding, dilation, groups, max_kernel_bytes = ctx.conf
+        need_x, need_kernel, need_spatial, need_weight = ctx.needs_input_grad[:4]
+        # Under autocast the forward ran in a lower precision than the saved tensors;
+        # backward computes in theirs (a no-op without autocast).
+        grad_out = grad_out.to(x.dtype).contiguous(memory_format=_memory_format_of(x))
+        batch, k = x.shape[0], weight.shape[0]
+        kh, kw = weight.shape[-2:]
+        flat_weight = weight.reshape(k, -1)
+        chunk = _chunk_size(batch, weight, min(max_kernel_bytes, _BACKWARD_MAX_KERNEL_BYTES))
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_kernel = torch.empty_like(kernel_att) if need_kernel else None
+        grad_spatial = torch.empty_like(spatial_att) if need_spatial else None
+        grad_weight = torch.zeros_like(flat_weight) if need_weight else None
+        for start in range(0, batch, chunk):
+            part = slice(start, min(start + chunk, batch))
+            n = part.stop - start
+            if kernel_att is None:
+                mixed = weight[0].unsqueeze(0).expand(n, *weight.shape[1:])
+            else:
+                mixed = mix_kernels(kernel_att[part], weight, reuse=True)
+            spatial = spatial_att[part].reshape(n, 1, 1, kh, kw)
+            gx, gk = _conv_chunk_backward(
+                grad_out[part], x[part], mixed * spatial, strategy, stride, padding, dilation,
+                groups, need_x,
+            )  # fmt: skip
+            if grad_x is not None:
+                grad_x[part] = gx
+            if grad_spatial is not None:
+                grad_spatial[part] = (gk * mixed).sum(dim=(1, 2)).reshape(n, kh * kw)
+            grad_mixed = (gk * spatial).reshape(n, -1)
+            if grad_kernel is not None:
+                grad_kernel[part] = grad_mixed @ flat_weight.t()
+            if grad_weight is not None:
+                if kernel_att is None:
+                    grad_weight[0] += grad_mixed.sum(0)
+                else:
+                    grad_weight.addmm_(kernel_att[part].t(), grad_mixed)
+        if grad_weight is not None:
+            grad_weight = grad_weight.reshape(weight.shape)
+        return grad_x, grad_kernel, grad_spatial, grad_weight, *([None] * 6)
 
 
 class ODConv2d(DynamicLayer):
