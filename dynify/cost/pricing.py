@@ -19,6 +19,7 @@ from dynify.cost.report import LayerCost, Totals
 from dynify.errors import DynifyError
 from dynify.layers._functional import runs_stacked
 from dynify.layers.attention import attention_hidden_width
+from dynify.layers.odconv import odconv_sections
 from dynify.plan import LayerPlan, Plan
 
 __all__ = [
@@ -262,3 +263,63 @@ def price(plan: Plan, *, batch_size: int = 1, static: bool = False) -> Totals:
     batch = check_batch(batch_size)
     priced = price_plan(plan, batch=batch, static=static, rows=False)
     return Totals(priced.macs, priced.params, priced.extra_ops, batch)
+
+
+# -- ODConv -------------------------------------------------------------------------------
+
+
+def odconv_layer_macs(
+    *,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    groups: int,
+    bias: bool,
+    experts: int,
+    hidden: int,
+    input_hw: tuple[int, int],
+    output_hw: tuple[int, int],
+    batch: int,
+) -> tuple[int, int, dict[str, int]]:
+    """(MACs, extra elementwise ops, MACs by part) of one eager call of an
+    :class:`~dynify.layers.ODConv2d` on ``batch`` images: exactly the multiply-accumulates
+    torch's ``FlopCounterMode`` counts (its FLOPs = 2 x MACs).
+
+    Per image, with ``N = C_out * C_in / groups * kh * kw`` (one expert), ``P = H' * W'``,
+    ``D`` the routing's width (:func:`~dynify.layers.odconv.odconv_sections`): the
+    attention ``C_in * hidden`` (``fc``) + ``hidden * D`` (``heads``), the kernel mixing
+    ``K * N`` (K > 1) and the convolution ``N * P``. A 1x1 layer with K > 1 runs DY-CNN's
+    ``dynamic_conv2d``, which at ``batch`` > 1 on a tiny output map takes the ``stacked``
+    formulation (``runs_stacked``): K convolutions (``K * N * P``) and an output mix
+    (``K * C_out * P``) instead of kernel mixing. The attentions' scalings, the spatial
+    attention's kernel scaling, the pool, the activations and the bias are elementwise:
+    counted in the extra ops, not in MACs.
+    """
+    kh, kw = kernel_size
+    k = experts
+    numel = out_channels * (in_channels // groups) * kh * kw
+    c, f, s, w = odconv_sections(in_channels, out_channels, (kh, kw), groups, k)
+    d = c + f + s + w
+    positions = output_hw[0] * output_hw[1]
+    fc, heads = in_channels * hidden, hidden * d
+    conv, mix, output_mix = numel * positions, (k * numel if k > 1 else 0), 0
+    if not s and k > 1 and runs_stacked(batch, k, numel, positions, groups):
+        conv, mix, output_mix = k * conv, 0, k * out_channels * positions
+    h, wd = input_hw
+    pool = in_channels * (h * wd + 1)  # C*H*W adds and C divides
+    # heads' bias and 1/T (2D), ReLU (hidden), sigmoid (c + f + s), softmax (3K)
+    activations = 2 * d + hidden + (c + f + s) + 3 * w
+    scaling = in_channels * h * wd + (out_channels * positions if f else 0)
+    kernel_scale = numel if s else 0  # a_s times each sample's kernel
+    bias_add = out_channels * positions if bias else 0
+    parts = {
+        "conv": conv * batch,
+        "attention_fc": fc * batch,
+        "attention_heads": heads * batch,
+        "kernel_mix": mix * batch,
+    }
+    if output_mix:
+        parts["output_mix"] = output_mix * batch
+    macs = sum(parts.values())
+    extra = (pool + activations + scaling + kernel_scale + bias_add) * batch
+    return macs, extra, parts

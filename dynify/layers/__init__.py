@@ -3,12 +3,15 @@
 from dynify.layers._functional import choose_strategy, dynamic_conv2d, mix_kernels
 from dynify.layers.attention import ATTENTION_KINDS, KernelAttention
 from dynify.layers.dynamic_conv import PADDING_MODES, DynamicConv2d
+from dynify.layers.odconv import ODAttention, ODConv2d
 
 __all__ = [
     "ATTENTION_KINDS",
     "PADDING_MODES",
     "DynamicConv2d",
     "KernelAttention",
+    "ODAttention",
+    "ODConv2d",
     "choose_strategy",
     "dynamic_conv2d",
     "mix_kernels",

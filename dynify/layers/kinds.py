@@ -11,6 +11,7 @@ from __future__ import annotations
 from dynify.errors import DynifyError, did_you_mean
 from dynify.layers.base import DynamicLayer
 from dynify.layers.dynamic_conv import DynamicConv2d
+from dynify.layers.odconv import ODConv2d
 
 __all__ = ["DEFAULT_KIND", "KINDS", "layer_class"]
 
@@ -20,6 +21,7 @@ DEFAULT_KIND = "dycnn"
 _CLASSES: dict[str, type[DynamicLayer]] = {
     "dycnn": DynamicConv2d,
     "condconv": DynamicConv2d,
+    "odconv": ODConv2d,
 }
 
 KINDS: tuple[str, ...] = tuple(_CLASSES)
