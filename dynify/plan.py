@@ -115,15 +115,16 @@ class LayerPlan:
             hidden = attention_hidden_width(s.in_channels, st.reduction)
             experts = k * (s.weight_numel + (s.out_channels if s.bias else 0))
             return experts + s.in_channels * hidden + hidden + hidden * k + k
-        return layer_class(st.kind).parameter_count(
+        # Each kind's own count, with the settings it has (DCD: a rank, no experts).
+        sizes = {"experts": st.experts} if st.kind != "dcd" else {"rank": st.rank}
+        return layer_class(st.kind).parameter_count(  # type: ignore[attr-defined]
             in_channels=s.in_channels,
             out_channels=s.out_channels,
             kernel_size=tuple(s.kernel_size),
             groups=s.groups,
             bias=s.bias,
-            experts=st.experts,
             reduction=st.reduction,
-            rank=st.rank,
+            **sizes,
         )
 
     def to_dict(self) -> dict[str, Any]:

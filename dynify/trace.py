@@ -21,7 +21,7 @@ from torch import nn
 
 from dynify._opcount import OpCounts, record_ops
 from dynify.errors import DynifyError, quoted, shorten
-from dynify.layers import DynamicConv2d
+from dynify.layers.base import DynamicLayer
 from dynify.layers.conv_variants import conversion_kind, is_conv, is_conv_layer
 
 __all__ = [
@@ -200,7 +200,7 @@ class _Tracer(torch.fx.Tracer):
         from timm.layers import _fx as timm_fx
 
         super().__init__(autowrap_functions=tuple(timm_fx.get_notrace_functions()))
-        self._leaves = (*timm_fx.get_notrace_modules(), DynamicConv2d)
+        self._leaves = (*timm_fx.get_notrace_modules(), DynamicLayer)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaves):

@@ -22,7 +22,9 @@ from dynify.cost.report import CostReport, LayerCost
 from dynify.cost.timing import example_input, resolve_device
 from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
+from dynify.layers.base import DynamicLayer
 from dynify.layers.conv_variants import is_conv_layer
+from dynify.layers.odconv import ODConv2d
 from dynify.models import parse_input_size
 from dynify.plan import Plan, find_plan
 from dynify.trace import default_input_size
@@ -30,12 +32,20 @@ from dynify.trace import default_input_size
 __all__ = ["count", "is_conv_layer", "measure_flops"]
 
 
-def _module_shape(module: DynamicConv2d, input_shape: tuple[int, ...] | None) -> DynamicShape:
-    """What the dynamic layer's formula reads of a built layer."""
-    return DynamicShape(module.in_channels, module.out_channels, module.weight[0].numel(),
-                        module.bias is not None, module.num_experts,
-                        module.attention.fc1.out_features, hw(input_shape),
-                        module.groups)  # fmt: skip
+def _module_shape(module: DynamicLayer, input_shape: tuple[int, ...] | None) -> DynamicShape:
+    """What the dynamic layer's formula reads of a built layer (of any kind)."""
+    kh, kw = module.kernel_size
+    numel = module.out_channels * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, DynamicConv2d):
+        hidden = module.attention.fc1.out_features
+    elif isinstance(module, ODConv2d):
+        hidden = module.attention.fc.out_features
+    else:
+        hidden = 0
+    return DynamicShape(module.in_channels, module.out_channels, numel,
+                        getattr(module, "bias", None) is not None, module.num_experts,
+                        hidden, hw(input_shape), module.groups, module.kind,
+                        (kh, kw))  # fmt: skip
 
 
 def _layer_names(model: nn.Module, recorder: OpRecorder) -> list[str]:
@@ -60,7 +70,7 @@ def _count_model(
     for name in _layer_names(model, recorder):
         module = modules[name]
         p = sum(t.numel() for t in module.parameters())
-        if isinstance(module, DynamicConv2d):
+        if isinstance(module, DynamicLayer):
             b, f = idx.layer_conv.get(name, (0, 0))
             _, _, row = dynamic_layer_cost(
                 name, _module_shape(module, recorder.conv_inputs.get(name)), conv=b * batch + f,
@@ -142,7 +152,7 @@ def count(
         complete = priced.complete
     else:
         assert model is not None
-        if static and any(isinstance(m, DynamicConv2d) for m in model.modules()):
+        if static and any(isinstance(m, DynamicLayer) for m in model.modules()):
             raise DynifyError(
                 "static=True needs a plan: this model holds dynamic layers but no dynify plan",
                 arguments=("static",),

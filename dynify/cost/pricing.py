@@ -19,7 +19,7 @@ from dynify.cost.report import LayerCost, Totals
 from dynify.errors import DynifyError
 from dynify.layers._functional import runs_stacked
 from dynify.layers.attention import attention_hidden_width
-from dynify.layers.odconv import odconv_sections
+from dynify.layers.odconv import odconv_hidden_width, odconv_sections
 from dynify.plan import LayerPlan, Plan
 
 __all__ = [
@@ -125,14 +125,21 @@ class DynamicShape:
     hidden: int
     input_hw: tuple[int, int]
     groups: int
+    kind: str = "dycnn"
+    kernel_size: tuple[int, int] = (1, 1)
+    rank: int = 0  # DCD's latent dimension
 
     @classmethod
     def of_plan(cls, lp: LayerPlan) -> DynamicShape:
         """The layer ``lp`` would build."""
         s, settings = lp.site, lp.settings
-        hidden = attention_hidden_width(s.in_channels, settings.reduction)
+        kind = settings.kind
+        if kind == "odconv":
+            hidden = odconv_hidden_width(s.in_channels, settings.reduction)
+        else:
+            hidden = attention_hidden_width(s.in_channels, settings.reduction)
         return cls(s.in_channels, s.out_channels, s.weight_numel, s.bias, settings.experts,
-                   hidden, hw(s.input_shape), s.groups)  # fmt: skip
+                   hidden, hw(s.input_shape), s.groups, kind, tuple(s.kernel_size))  # fmt: skip
 
 
 def dynamic_layer_cost(
@@ -153,7 +160,12 @@ def dynamic_layer_cost(
 
     At ``batch`` > 1 a layer with a tiny output map runs the ``stacked`` formulation (see
     ``dynify.layers._functional``): K convolutions and an output mix instead of kernel
-    mixing. Priced as it runs, so the count agrees with FlopCounterMode at any batch."""
+    mixing. Priced as it runs, so the count agrees with FlopCounterMode at any batch.
+
+    Each kind has its own formula (:func:`odconv_layer_macs`, ...), priced from the same
+    figures; ``calls`` images through one call each."""
+    if shape.kind != "dycnn" and shape.kind != "condconv":
+        return _kind_cost(name, shape, conv=conv, calls=calls, params=params, rows=rows)
     k, numel = shape.experts, shape.weight_numel
     fc1, fc2, mix = shape.in_channels * shape.hidden, shape.hidden * k, k * numel
     bias_mix = k * shape.out_channels if shape.bias else 0
@@ -179,6 +191,31 @@ def dynamic_layer_cost(
         parts["output_mix"] = output_mix * calls
     extra_parts = {"pool": pool * calls, "activations": activations * calls}
     return macs, extra, LayerCost(name, "dynamic", macs, params, extra, parts, extra_parts)
+
+
+def _kind_cost(
+    name: str, shape: DynamicShape, *, conv: int, calls: int, params: int, rows: bool
+) -> tuple[int, int, LayerCost | None]:
+    """(MACs, extra ops, row) of a dynamic layer of a kind with its own formula."""
+    numel = shape.weight_numel
+    positions = conv // (calls * numel) if calls and numel else 0
+    common = {
+        "in_channels": shape.in_channels,
+        "out_channels": shape.out_channels,
+        "kernel_size": shape.kernel_size,
+        "bias": shape.bias,
+        "input_hw": shape.input_hw,
+        "output_hw": (positions, 1),  # only the number of output positions counts
+        "batch": calls,
+    }
+    if shape.kind == "odconv":
+        macs, extra, parts = odconv_layer_macs(
+            **common, groups=shape.groups, experts=shape.experts, hidden=shape.hidden
+        )
+    else:
+        raise DynifyError(f"the cost model has no formula for kind {shape.kind!r}")
+    row = LayerCost(name, "dynamic", macs, params, extra, parts, {}) if rows else None
+    return macs, extra, row
 
 
 # -- plans --------------------------------------------------------------------------------

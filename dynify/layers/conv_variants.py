@@ -22,6 +22,7 @@ from timm.layers import (
 from timm.layers.conv2d_same import Conv2dSameExport
 from torch import nn
 
+from dynify.layers.base import DynamicLayer
 from dynify.layers.dynamic_conv import DynamicConv2d
 from dynify.layers.dynamic_conv_same import DynamicConv2dSame
 
@@ -66,7 +67,7 @@ def is_conv(module: nn.Module) -> bool:
 def is_conv_layer(module: nn.Module) -> bool:
     """A module the cost model counts as one convolution layer: a conv the trace reports,
     or a dynamic layer that replaced one (its inner ops are priced as the layer's)."""
-    return is_conv(module) or isinstance(module, DynamicConv2d)
+    return is_conv(module) or isinstance(module, DynamicLayer)
 
 
 def _same_pad(module: nn.Module) -> bool:
