@@ -3,11 +3,13 @@
     python bench/cost.py                       # everything (about 15-25 min on 2 busy cores)
     python bench/cost.py --only agreement      # or: pricing, latency, profile
     python bench/cost.py --archs resnet18,vit_tiny_patch16_224 --size 3,96,96
+    python bench/cost.py --only agreement --kinds dycnn,condconv,odconv,dcd
 
 1. Agreement: for every architecture of the conversion tests, static and converted with the
    dycnn recipe ("all" for ViT, whose only conv is the stem), at batch 1 and 2: the analytic
    FLOPs (``dynify.cost.count``, from the trace) against FlopCounterMode (``measure_flops``);
-   they must be equal, not close.
+   they must be equal, not close. ``--kinds``: each kind's bundled recipe in turn (for ViT a
+   recipe of that kind converting every conv).
 2. Pricing: time to price one resnet50 plan from its trace (target < 1 ms), with
    ``count`` (all rows) and ``price`` (totals only), and to resolve one plan.
 3. Latency on the CPU: converted / static for resnet50 and mobilenetv3_large_100, recipes
@@ -34,17 +36,25 @@ import dynify
 from dynify import cost
 
 
-def agreement(archs: list[str], size: tuple[int, int, int] | None) -> bool:
+def _recipe(name: str, kind: str) -> str | dict:
+    if not name.startswith("vit"):
+        return kind
+    return "all" if kind == "dycnn" else {"defaults": {"kind": kind, "experts": 1}}
+
+
+def agreement(
+    archs: list[str], size: tuple[int, int, int] | None, kinds: tuple[str, ...] = ("dycnn",)
+) -> bool:
     print("## analytic vs measured FLOPs (FlopCounterMode, cpu); FLOPs = 2 x MACs")
     print(
-        f"{'model':24s} {'input':>9s} {'recipe':>6s} {'B':>2s} {'static GFLOPs':>14s} "
+        f"{'model':24s} {'input':>9s} {'kind':>8s} {'B':>2s} {'static GFLOPs':>14s} "
         f"{'converted GFLOPs':>17s} {'+FLOPs':>7s} {'dyn':>7s}  agree"
     )
     all_ok = True
-    for name in archs:
+    for name, kind in ((n, k) for n in archs for k in kinds):
         kwargs = {"img_size": size[1]} if size and name.startswith("vit") else {}
         model = timm.create_model(name, **kwargs).eval()
-        recipe = "all" if name.startswith("vit") else "dycnn"
+        recipe = _recipe(name, kind)
         try:
             converted = dynify.apply(model, recipe, input_size=size)
         except Exception as err:  # report and go on: this is a survey
@@ -64,7 +74,7 @@ def agreement(archs: list[str], size: tuple[int, int, int] | None) -> bool:
             all_ok &= ok
             verdict = "exact" if ok else f"NO: {m_before} / {m_after}"
             print(
-                f"{name:24s} {shown:>9s} {recipe:>6s} {batch:2d} {before.flops / 1e9:14.4f} "
+                f"{name:24s} {shown:>9s} {kind:>8s} {batch:2d} {before.flops / 1e9:14.4f} "
                 f"{after.flops / 1e9:17.4f} {(after.flops / before.flops - 1) * 100:+6.1f}% "
                 f"{len(plan.converted):3d}/{len(plan.layers):<3d}  {verdict}"
             )
@@ -224,6 +234,7 @@ def main() -> int:
     parser.add_argument("--only", choices=("agreement", "pricing", "latency", "profile"))
     parser.add_argument("--archs", default=",".join(ISSUE_FAMILIES))
     parser.add_argument("--size", default=None, help="C,H,W for the agreement survey")
+    parser.add_argument("--kinds", default="dycnn", help="kinds for the agreement survey")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads for latency and profile"
@@ -241,7 +252,8 @@ def main() -> int:
     print(f"torch {torch.__version__}, timm {timm.__version__}, dynify {dynify.__version__}\n")
     ok = True
     if args.only in (None, "agreement"):
-        ok = agreement(args.archs.split(","), size)  # type: ignore[arg-type]
+        kinds = tuple(args.kinds.split(","))
+        ok = agreement(args.archs.split(","), size, kinds)  # type: ignore[arg-type]
     if args.only in (None, "pricing"):
         pricing()
     if args.only in (None, "latency"):
