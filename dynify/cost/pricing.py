@@ -26,6 +26,7 @@ __all__ = [
     "Index",
     "Priced",
     "check_batch",
+    "dcd_layer_macs",
     "dynamic_layer_cost",
     "hw",
     "index",
@@ -178,6 +179,49 @@ def dynamic_layer_cost(
         parts["output_mix"] = output_mix * calls
     extra_parts = {"pool": pool * calls, "activations": activations * calls}
     return macs, extra, LayerCost(name, "dynamic", macs, params, extra, parts, extra_parts)
+
+
+def dcd_layer_macs(
+    *,
+    in_channels: int,
+    out_channels: int,
+    kernel: tuple[int, int],
+    bias: bool,
+    squeeze: int,
+    rank: int,
+    input_hw: tuple[int, int],
+    output_hw: tuple[int, int],
+    batch: int,
+) -> tuple[int, int, dict[str, int]]:
+    """(MACs, extra elementwise ops, MACs by part) of one :class:`~dynify.layers.DCDConv2d`
+    forward on ``batch`` images: exactly what ``FlopCounterMode`` counts (FLOPs = 2 x MACs).
+
+    Per image, with N = H' x W' output pixels, S = ``squeeze``, L = ``rank``: the static
+    conv ``C_out C_in kh kw N``, ``Q^T`` (1x1) ``C_in L N``, the latent mix ``(I + Phi) z``
+    (one baddbmm) ``L^2 N``, ``P`` (1x1) ``L C_out N``, and the attention's four bias-free
+    linear layers ``C_in S + S^2 + S C_out + S L^2``. Extra ops (not counted by torch):
+    the pool (``C_in (H W + 1)``), the gate and the heads' hsig (``4 S + 3 C_out``), the
+    latent identity (``L N``), the output's scale-and-add (``2 C_out N``) and the bias
+    (``C_out N``).
+    """
+    c_in, c_out, s, big_l = in_channels, out_channels, squeeze, rank
+    kh, kw = kernel
+    n = output_hw[0] * output_hw[1]
+    parts = {
+        "conv": c_out * c_in * kh * kw * n * batch,
+        "q": c_in * big_l * n * batch,
+        "latent_mix": big_l * big_l * n * batch,
+        "p": big_l * c_out * n * batch,
+        "attention_fc": c_in * s * batch,
+        "attention_se": s * s * batch,
+        "attention_scale": s * c_out * batch,
+        "attention_phi": s * big_l * big_l * batch,
+    }
+    h, w = input_hw
+    pool = c_in * (h * w + 1)
+    gates = 4 * s + 3 * c_out
+    output = big_l * n + 2 * c_out * n + (c_out * n if bias else 0)
+    return sum(parts.values()), (pool + gates + output) * batch, parts
 
 
 # -- plans --------------------------------------------------------------------------------
