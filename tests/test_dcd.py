@@ -21,6 +21,7 @@ from dynify.cost.pricing import dcd_layer_macs
 from dynify.errors import DynifyError, DynifyTypeError
 from dynify.layers import DCDConv2d
 from dynify.layers.dcd import _hsig as _hsig_module
+from dynify.layers.dcd import folds_mix
 from dynify.layers.kinds import KINDS, layer_class
 
 CL = torch.channels_last
@@ -72,6 +73,11 @@ GRID = [
     _cfg(padding_mode="replicate", stride=2),
     _cfg(padding_mode="circular", kernel_size=5, padding=2),
     _cfg(padding_mode="circular", padding="same"),
+    # Maps with no more positions than output channels: the residual mixes the latent map
+    # instead of folding P (I + Phi) (dynify.layers.dcd.folds_mix).
+    _cfg(in_channels=8, out_channels=40, stride=2),
+    _cfg(in_channels=8, out_channels=40, kernel_size=1, padding=0, stride=2, bias=False),
+    _cfg(in_channels=8, out_channels=99, padding_mode="reflect"),
 ]
 
 
@@ -193,7 +199,7 @@ def test_hsig_is_the_references_range_0_to_2():
 # -- memory layouts and precisions ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [GRID[0], GRID[1], GRID[3], GRID[20]], ids=_cfg_id)
+@pytest.mark.parametrize("cfg", [*GRID[:4], GRID[20], *GRID[-3:]], ids=_cfg_id)
 def test_channels_last_in_gives_channels_last_out(cfg):
     layer = make_layer(cfg)
     x = make_input(cfg, 3).contiguous(memory_format=CL).requires_grad_()
@@ -243,13 +249,14 @@ def test_low_precision(cfg, dtype):
 
 
 GRAD_CFGS = [
-    _cfg(stride=2),
+    _cfg(stride=2, out_channels=5),
     _cfg(kernel_size=(3, 1), padding=(1, 0), padding_mode="reflect", rank=3, bias=False),
+    _cfg(stride=2, out_channels=12),  # 9 positions: the latent-map mix
 ]
 
 
 def _gradcheck(cfg: dict, channels_last: bool, fast_mode: bool) -> None:
-    cfg = {**cfg, "in_channels": 4, "out_channels": 5}
+    cfg = {"out_channels": 5, **cfg, "in_channels": 4}
     layer = make_layer(cfg, torch.float64)
     names = [n for n, _ in layer.named_parameters()]
     params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
@@ -271,8 +278,9 @@ def test_gradcheck_fast(cfg, channels_last):
     _gradcheck(cfg, channels_last, fast_mode=True)
 
 
-def test_gradcheck_full():
-    _gradcheck(GRAD_CFGS[0], channels_last=False, fast_mode=False)
+@pytest.mark.parametrize("cfg", [GRAD_CFGS[0], GRAD_CFGS[2]], ids=_cfg_id)
+def test_gradcheck_full(cfg):
+    _gradcheck(cfg, channels_last=False, fast_mode=False)
 
 
 @pytest.mark.slow
@@ -553,35 +561,39 @@ def test_flop_counter_agrees_with_the_pricing(cfg, layout):
 
 
 TRACE_CFG = _cfg(stride=2, padding_mode="reflect")
+TRACE_CFGS = [TRACE_CFG, _cfg(in_channels=8, out_channels=40, stride=2)]  # both residual forms
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fx_symbolic_trace(channels_last):
-    layer = make_layer(TRACE_CFG).eval()
-    model = nn.Sequential(nn.Conv2d(6, 6, 1), layer, nn.ReLU()).eval()
+@pytest.mark.parametrize("cfg", TRACE_CFGS, ids=_cfg_id)
+def test_fx_symbolic_trace(cfg, channels_last):
+    layer = make_layer(cfg).eval()
+    c = cfg["in_channels"]
+    model = nn.Sequential(nn.Conv2d(c, c, 1), layer, nn.ReLU()).eval()
     gm = torch.fx.symbolic_trace(model)
     for batch in (1, 2, 5):
-        x = make_input(TRACE_CFG, batch)
+        x = make_input(cfg, batch)
         if channels_last:
             x = x.contiguous(memory_format=CL)
         assert torch.equal(gm(x), model(x))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_export_with_dynamic_batch(channels_last):
-    layer = make_layer(TRACE_CFG).eval()
+@pytest.mark.parametrize("cfg", TRACE_CFGS, ids=_cfg_id)
+def test_export_with_dynamic_batch(cfg, channels_last):
+    layer = make_layer(cfg).eval()
     batch = torch.export.Dim("batch", min=1, max=64)
-    example = make_input(TRACE_CFG, 3)
+    example = make_input(cfg, 3)
     if channels_last:
         example = example.contiguous(memory_format=CL)
     ep = torch.export.export(layer, (example,), dynamic_shapes={"x": {0: batch}})
     exported = ep.module()
     for b in (1, 2, 5, 8):
-        x = make_input(TRACE_CFG, b)
+        x = make_input(cfg, b)
         if channels_last:
             x = x.contiguous(memory_format=CL)
         assert rel_err(exported(x), layer(x)) < 1e-5
-        assert rel_err(exported(x), reference(layer, TRACE_CFG, x.contiguous())) < 1e-5
+        assert rel_err(exported(x), reference(layer, cfg, x.contiguous())) < 1e-5
 
 
 @pytest.mark.slow
@@ -608,7 +620,12 @@ def test_torch_compile_dynamic_inference_channels_last():
             assert rel_err(compiled(x), layer(x)) < 1e-5
 
 
-def test_grid_covers_every_padding_mode():
+def test_grid_covers_every_padding_mode_and_both_residual_forms():
     modes = {c["padding_mode"] for c in GRID}
     assert modes == {"zeros", "reflect", "replicate", "circular"}
     assert any(isinstance(c["kernel_size"], tuple) for c in GRID)
+    folds = set()
+    for c in GRID:
+        n = nn.Conv2d(**_conv_kwargs(c))(torch.zeros(1, c["in_channels"], H, W)).shape[2:].numel()
+        folds.add(folds_mix(c["out_channels"], n))
+    assert folds == {True, False}

@@ -197,12 +197,13 @@ def dcd_layer_macs(
     forward on ``batch`` images: exactly what ``FlopCounterMode`` counts (FLOPs = 2 x MACs).
 
     Per image, with N = H' x W' output pixels, S = ``squeeze``, L = ``rank``: the static
-    conv ``C_out C_in kh kw N``, ``z = Q^T x`` ``C_in L N``, the per-sample mix
-    ``A = P (I + Phi)`` ``C_out L^2``, ``A z`` ``C_out L N``, and the attention's four
+    conv ``C_out C_in kh kw N``, ``z = Q^T x`` ``C_in L N``, the latent mix
+    ``L^2 min(N, C_out)`` (``A = P (I + Phi)`` when N > C_out, else ``(I + Phi) z``: see
+    ``dynify.layers.dcd.folds_mix``), ``P`` ``L C_out N``, and the attention's four
     bias-free linear layers ``C_in S + S^2 + S C_out + S L^2``. Extra ops (not counted by
     torch): the pool (``C_in (H W + 1)``), the gate and the heads' hsig (``4 S + 3 C_out``),
-    the mix's identity (``C_out L``), the output's scale-and-add (``2 C_out N``) and the
-    bias (``C_out N``).
+    the mix's identity (``L min(N, C_out)``), the output's scale-and-add (``2 C_out N``) and
+    the bias (``C_out N``).
     """
     c_in, c_out, s, big_l = in_channels, out_channels, squeeze, rank
     kh, kw = kernel
@@ -210,7 +211,7 @@ def dcd_layer_macs(
     parts = {
         "conv": c_out * c_in * kh * kw * n * batch,
         "q": c_in * big_l * n * batch,
-        "latent_mix": c_out * big_l * big_l * batch,
+        "latent_mix": big_l * big_l * min(n, c_out) * batch,
         "p": big_l * c_out * n * batch,
         "attention_fc": c_in * s * batch,
         "attention_se": s * s * batch,
@@ -219,7 +220,7 @@ def dcd_layer_macs(
     }
     h, w = input_hw
     pool = c_in * (h * w + 1)
-    gates = 4 * s + 3 * c_out + c_out * big_l
+    gates = 4 * s + 3 * c_out + big_l * min(n, c_out)
     output = 2 * c_out * n + (c_out * n if bias else 0)
     return sum(parts.values()), (pool + gates + output) * batch, parts
 

@@ -12,12 +12,13 @@ reference code, the kernel is never built: everything runs on feature maps,
     y = Lambda(x) * conv(x, W0) + P ((I + Phi(x)) (Q^T x)) + b,
 
 where ``Q^T`` and ``P`` act as 1x1 convolutions (``Q^T`` on the input subsampled at the main
-conv's stride) and ``b`` is the conv's bias (not scaled by Lambda). The residual runs as
-matrix products: ``z = Q^T x``, the per-sample ``A = P (I + Phi)`` (C_out x L, independent
-of the map size), then ``A z + b``; measured faster on CPU than 1x1 convs and a latent
-``bmm`` (and it needs no per-sample kernel). The 1x1 path samples the main conv's centre
-tap only when the padding is 'same'-style (``2 * padding == dilation * (kernel - 1)``,
-odd kernel): see :meth:`DCDConv2d.unsupported_reason`.
+conv's stride) and ``b`` is the conv's bias (not scaled by Lambda). On maps with more
+positions than output channels the residual folds ``A = P (I + Phi)`` (C_out x L per
+sample) and computes ``A z + b``; on small maps it mixes the latent map ``(I + Phi) z``
+and applies ``P`` (see :func:`folds_mix`; either way no per-sample kernel). The 1x1 path
+samples the main conv's centre tap only when the padding is 'same'-style
+(``2 * padding == dilation * (kernel - 1)``, odd kernel): see
+:meth:`DCDConv2d.unsupported_reason`.
 
 Deviations from the reference code (``conv_dy`` in ``models/imagenet/resnet_dcd.py``):
 
@@ -53,7 +54,7 @@ from dynify.errors import DynifyError, DynifyTypeError
 from dynify.layers.attention import MIN_HIDDEN, _drawable, _reset_linear
 from dynify.layers.base import DynamicLayer
 
-__all__ = ["DCD_INITS", "DCDAttention", "DCDConv2d", "dcd_rank", "dcd_squeeze"]
+__all__ = ["DCD_INITS", "DCDAttention", "DCDConv2d", "dcd_rank", "dcd_squeeze", "folds_mix"]
 
 _IntOrPair = int | tuple[int, int]
 
@@ -457,6 +458,13 @@ class DCDConv2d(DynamicLayer):
         return s + f", rank={self.rank}, reduction={self.reduction}"
 
 
+def folds_mix(out_channels: int, positions: int) -> bool:
+    """Whether the residual folds ``P (I + Phi)`` into one per-sample ``C_out x L`` matrix
+    (``C_out L^2`` MACs per image) rather than mixing the latent map (``L^2 N``): when the
+    map has more positions ``N`` than the layer has output channels."""
+    return positions > out_channels
+
+
 def _low_rank_residual(
     x: torch.Tensor,
     q: torch.Tensor,
@@ -465,28 +473,40 @@ def _low_rank_residual(
     bias: torch.Tensor | None,
     stride: tuple[int, int],
 ) -> torch.Tensor:
-    """``P (I + Phi) Q^T x + b`` on the centre-tap grid, as matrix products.
+    """``P (I + Phi) Q^T x + b`` on the centre-tap grid.
 
-    ``z = Q^T x`` (the input subsampled at the stride), ``A = P (I + Phi)`` per sample
-    (``C_out x L``, independent of the map size), then ``A z + b``. In ``x``'s memory
-    layout: for channels_last everything runs pixel-major (``z^T = x^T Q``, one ``mm``),
-    whose result is channels_last again. fx-wrapped: it inspects strides.
+    ``z = Q^T x`` on the input subsampled at the stride, then either ``A z + b`` with the
+    per-sample ``A = P (I + Phi)`` (large maps, :func:`folds_mix`) or ``P ((I + Phi) z) + b``
+    (small maps). In ``x``'s memory layout: for channels_last everything runs pixel-major
+    (``z^T = x^T Q``, one ``mm``), whose result is channels_last again; otherwise as
+    batched products. fx-wrapped: it inspects strides.
     """
-    b, c_in = x.shape[0], x.shape[1]
+    b, c_in, c_out = x.shape[0], x.shape[1], p.shape[0]
     q2, p2 = q.flatten(1), p.flatten(1)  # (L, C_in), (C_out, L)
     sh, sw = stride
-    mix = torch.baddbmm(p2.expand(b, -1, -1), p2.expand(b, -1, -1), phi)  # P + P Phi
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         xs = x.permute(0, 2, 3, 1)[:, ::sh, ::sw]  # (B, H', W', C_in)
         h, w = xs.shape[1], xs.shape[2]
         zt = (xs.reshape(-1, c_in) @ q2.t()).unflatten(0, (b, h * w))  # (B, N, L)
-        a_t = mix.transpose(1, 2)  # (B, L, C_out)
-        out = torch.bmm(zt, a_t) if bias is None else torch.baddbmm(bias, zt, a_t)
+        if folds_mix(c_out, h * w):
+            p_t = p2.t().expand(b, -1, -1)  # (B, L, C_out)
+            mix_t = torch.baddbmm(p_t, phi.transpose(1, 2), p_t)  # P^T + Phi^T P^T
+            out = torch.bmm(zt, mix_t) if bias is None else torch.baddbmm(bias, zt, mix_t)
+        else:
+            ut = torch.baddbmm(zt, zt, phi.transpose(1, 2)).flatten(0, 1)  # (B N, L)
+            out = F.linear(ut, p2, bias).unflatten(0, (b, h * w))
         return out.unflatten(1, (h, w)).permute(0, 3, 1, 2)
+    # Batched products with the shared Q and P expanded over the batch: measured faster on
+    # CPU than 1x1 convolutions, whose backward is slow for few (L) channels.
     xs = x[:, :, ::sh, ::sw]
     h, w = xs.shape[2], xs.shape[3]
     z = torch.bmm(q2.expand(b, -1, -1), xs.reshape(b, c_in, h * w))  # (B, L, N)
-    out = torch.bmm(mix, z) if bias is None else torch.baddbmm(bias[:, None], mix, z)
+    p_b = p2.expand(b, -1, -1)  # (B, C_out, L)
+    if folds_mix(c_out, h * w):
+        a, z = torch.baddbmm(p_b, p_b, phi), z  # A = P + P Phi
+    else:
+        a, z = p_b, torch.baddbmm(z, phi, z)  # (I + Phi) z
+    out = torch.bmm(a, z) if bias is None else torch.baddbmm(bias[:, None], a, z)
     return out.unflatten(2, (h, w))
 
 
