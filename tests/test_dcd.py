@@ -479,6 +479,7 @@ def test_covered(kw):
         ({"kernel_size": (1, 1), "padding": (1, 1)}, "same'-style"),
         ({"same_pad": True}, "TF-'SAME'"),
         ({"kernel_size": (4, 4), "padding": "same"}, "odd kernel"),
+        ({"padding": "same", "stride": (2, 2)}, "strided"),
         ({"kernel_size": (2, 2), "padding": (1, 1), "dilation": (2, 2)}, "odd kernel"),
     ],
 )
@@ -486,7 +487,7 @@ def test_unsupported_reason(kw, match):
     reason = _reason(**kw)
     assert reason is not None and match in reason
     if "same_pad" not in kw:
-        with pytest.raises(DynifyError, match="DCDConv2d"):
+        with pytest.raises(DynifyError, match=match):
             DCDConv2d(8, 8, **{"kernel_size": 3, "padding": 1, **kw})
 
 

@@ -274,6 +274,8 @@ class DCDConv2d(DynamicLayer):
         if any(k % 2 == 0 for k in kernel):
             return f"DCD needs an odd kernel (its residual sits at the centre tap), got {kernel}"
         if padding == "same":
+            if any(st != 1 for st in _pair(stride)):
+                return "padding='same' is not supported for strided convolutions"
             return None  # an odd kernel: symmetric, centred
         pad = (0, 0) if padding == "valid" else _pair(padding)
         want = tuple(d * (k - 1) // 2 for d, k in zip(dil, kernel, strict=True))
