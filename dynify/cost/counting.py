@@ -24,6 +24,7 @@ from dynify.errors import DynifyError
 from dynify.layers import DynamicConv2d
 from dynify.layers.base import DynamicLayer
 from dynify.layers.conv_variants import is_conv_layer
+from dynify.layers.dcd import DCDConv2d
 from dynify.layers.odconv import ODConv2d
 from dynify.models import parse_input_size
 from dynify.plan import Plan, find_plan
@@ -35,17 +36,20 @@ __all__ = ["count", "is_conv_layer", "measure_flops"]
 def _module_shape(module: DynamicLayer, input_shape: tuple[int, ...] | None) -> DynamicShape:
     """What the dynamic layer's formula reads of a built layer (of any kind)."""
     kh, kw = module.kernel_size
+    rank = 0
     numel = module.out_channels * (module.in_channels // module.groups) * kh * kw
     if isinstance(module, DynamicConv2d):
         hidden = module.attention.fc1.out_features
     elif isinstance(module, ODConv2d):
         hidden = module.attention.fc.out_features
+    elif isinstance(module, DCDConv2d):
+        hidden, rank = module.squeeze, module.rank
     else:
-        hidden = 0
+        raise DynifyError(f"the cost model does not know a {type(module).__name__}")
     return DynamicShape(module.in_channels, module.out_channels, numel,
                         getattr(module, "bias", None) is not None, module.num_experts,
                         hidden, hw(input_shape), module.groups, module.kind,
-                        (kh, kw))  # fmt: skip
+                        (kh, kw), rank)  # fmt: skip
 
 
 def _layer_names(model: nn.Module, recorder: OpRecorder) -> list[str]:

@@ -19,6 +19,7 @@ from dynify.cost.report import LayerCost, Totals
 from dynify.errors import DynifyError
 from dynify.layers._functional import runs_stacked
 from dynify.layers.attention import attention_hidden_width
+from dynify.layers.dcd import dcd_rank, dcd_squeeze
 from dynify.layers.odconv import odconv_hidden_width, odconv_sections
 from dynify.plan import LayerPlan, Plan
 
@@ -27,6 +28,7 @@ __all__ = [
     "Index",
     "Priced",
     "check_batch",
+    "dcd_layer_macs",
     "dynamic_layer_cost",
     "hw",
     "index",
@@ -133,13 +135,17 @@ class DynamicShape:
     def of_plan(cls, lp: LayerPlan) -> DynamicShape:
         """The layer ``lp`` would build."""
         s, settings = lp.site, lp.settings
-        kind = settings.kind
+        kind, rank = settings.kind, 0
         if kind == "odconv":
             hidden = odconv_hidden_width(s.in_channels, settings.reduction)
+        elif kind == "dcd":  # the squeeze width S and the latent dimension L
+            hidden = dcd_squeeze(s.in_channels, settings.reduction)
+            rank = dcd_rank(s.in_channels, s.out_channels, settings.rank)
         else:
             hidden = attention_hidden_width(s.in_channels, settings.reduction)
         return cls(s.in_channels, s.out_channels, s.weight_numel, s.bias, settings.experts,
-                   hidden, hw(s.input_shape), s.groups, kind, tuple(s.kernel_size))  # fmt: skip
+                   hidden, hw(s.input_shape), s.groups, kind, tuple(s.kernel_size),
+                   rank)  # fmt: skip
 
 
 def dynamic_layer_cost(
@@ -212,10 +218,59 @@ def _kind_cost(
         macs, extra, parts = odconv_layer_macs(
             **common, groups=shape.groups, experts=shape.experts, hidden=shape.hidden
         )
+    elif shape.kind == "dcd":
+        kernel = common.pop("kernel_size")
+        macs, extra, parts = dcd_layer_macs(
+            **common, kernel=kernel, squeeze=shape.hidden, rank=shape.rank
+        )
     else:
         raise DynifyError(f"the cost model has no formula for kind {shape.kind!r}")
     row = LayerCost(name, "dynamic", macs, params, extra, parts, {}) if rows else None
     return macs, extra, row
+
+
+def dcd_layer_macs(
+    *,
+    in_channels: int,
+    out_channels: int,
+    kernel: tuple[int, int],
+    bias: bool,
+    squeeze: int,
+    rank: int,
+    input_hw: tuple[int, int],
+    output_hw: tuple[int, int],
+    batch: int,
+) -> tuple[int, int, dict[str, int]]:
+    """(MACs, extra elementwise ops, MACs by part) of one :class:`~dynify.layers.DCDConv2d`
+    forward on ``batch`` images: exactly what ``FlopCounterMode`` counts (FLOPs = 2 x MACs).
+
+    Per image, with N = H' x W' output pixels, S = ``squeeze``, L = ``rank``: the static
+    conv ``C_out C_in kh kw N``, ``z = Q^T x`` ``C_in L N``, the latent mix
+    ``L^2 min(N, C_out)`` (``A = P (I + Phi)`` when N > C_out, else ``(I + Phi) z``: see
+    ``dynify.layers.dcd.folds_mix``), ``P`` ``L C_out N``, and the attention's four
+    bias-free linear layers ``C_in S + S^2 + S C_out + S L^2``. Extra ops (not counted by
+    torch): the pool (``C_in (H W + 1)``), the gate and the heads' hsig (``4 S + 3 C_out``),
+    the mix's identity (``L min(N, C_out)``), the output's scale-and-add (``2 C_out N``) and
+    the bias (``C_out N``).
+    """
+    c_in, c_out, s, big_l = in_channels, out_channels, squeeze, rank
+    kh, kw = kernel
+    n = output_hw[0] * output_hw[1]
+    parts = {
+        "conv": c_out * c_in * kh * kw * n * batch,
+        "q": c_in * big_l * n * batch,
+        "latent_mix": big_l * big_l * min(n, c_out) * batch,
+        "p": big_l * c_out * n * batch,
+        "attention_fc": c_in * s * batch,
+        "attention_se": s * s * batch,
+        "attention_scale": s * c_out * batch,
+        "attention_phi": s * big_l * big_l * batch,
+    }
+    h, w = input_hw
+    pool = c_in * (h * w + 1)
+    gates = 4 * s + 3 * c_out + big_l * min(n, c_out)
+    output = 2 * c_out * n + (c_out * n if bias else 0)
+    return sum(parts.values()), (pool + gates + output) * batch, parts
 
 
 # -- plans --------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 ``dycnn`` (DY-CNN, Chen et al., CVPR 2020: softmax over K experts) and ``condconv``
 (CondConv, Yang et al., NeurIPS 2019: sigmoid) share :class:`DynamicConv2d`; each later kind
-has its own :class:`~dynify.layers.base.DynamicLayer` subclass. Registering a kind here is
+has its own :class:`~dynify.layers.base.DynamicLayer` subclass (``dcd``: DCD, Li et al.,
+ICLR 2021, :class:`~dynify.layers.DCDConv2d`). Registering a kind here is
 what makes the converter, the planner's coverage check and the artifact loader know it.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dynify.errors import DynifyError, did_you_mean
 from dynify.layers.base import DynamicLayer
+from dynify.layers.dcd import DCDConv2d
 from dynify.layers.dynamic_conv import DynamicConv2d
 from dynify.layers.odconv import ODConv2d
 
@@ -22,6 +24,7 @@ _CLASSES: dict[str, type[DynamicLayer]] = {
     "dycnn": DynamicConv2d,
     "condconv": DynamicConv2d,
     "odconv": ODConv2d,
+    "dcd": DCDConv2d,
 }
 
 KINDS: tuple[str, ...] = tuple(_CLASSES)
