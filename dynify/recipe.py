@@ -143,7 +143,7 @@ KIND_ONLY: dict[str, tuple[str, ...]] = {
 KIND_INITS: dict[str, tuple[str, ...]] = {
     "dycnn": ("upcycle", "scratch", "perturb"),
     "condconv": ("upcycle", "scratch", "perturb"),
-    "odconv": ("upcycle",),
+    "odconv": ("upcycle", "scratch"),
     "dcd": ("upcycle",),
 }
 
@@ -233,6 +233,9 @@ class LayerSettings:
         for key in ("rank", "routing_std", "noise", "temperature"):
             if out[key] is None:
                 del out[key]
+        for key, kinds in KIND_ONLY.items():  # what the kind has no use for is not written
+            if self.kind not in kinds:
+                out.pop(key, None)
         return out
 
     @classmethod
@@ -690,7 +693,7 @@ def parse_settings(doc: Doc, raw: Any, path: str) -> LayerSettings:
     values = _settings(doc, raw, path, SETTING_KEYS, warn_deprecated=False)
     if "init" not in values and values.get("noise"):
         values["init"] = "perturb"  # a plan saved before inits existed: built that way
-    settings = LayerSettings(**values)
+    settings = LayerSettings(**values).for_kind()  # as the plan resolved it
     if settings.convert:
         _check_noise(doc.where(f"{path}.noise"), settings.noise, settings.init)
     return settings

@@ -112,3 +112,11 @@ def test_the_temperature_scheduler_drives_the_kinds_that_have_one(converted) -> 
     assert len(scheduler.layers) == len(tempered)
     assert all(layer.temperature == 5 for layer in tempered)
     assert (kind == "dcd") == (not tempered)
+
+
+def test_a_plan_of_every_kind_reads_back_equal(converted) -> None:
+    from dynify.plan import Plan
+
+    _, model = converted
+    plan = dynify.plan_of(model)
+    assert Plan.from_dict(plan.to_dict()).layers == plan.layers

@@ -34,7 +34,7 @@ from dynify.trace import ConvSite, ModelTrace, trace_model
 warnings.filterwarnings("ignore", category=UserWarning)
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = ("all", "condconv", "dycnn", "mobile")
+BUNDLED = ("all", "condconv", "dcd", "dycnn", "mobile", "odconv")
 
 
 def site(name: str, **kw) -> ConvSite:
@@ -399,7 +399,7 @@ def test_unknown_bundled_name_lists_the_bundled_recipes() -> None:
         load_recipe("mobil")
     msg = str(err.value)
     assert "neither a file nor a bundled recipe" in msg and "did you mean 'mobile'" in msg
-    assert "bundled recipes: all, condconv, dycnn, dycnn-scratch, mobile" in msg
+    assert "bundled recipes: all, condconv, dcd, dycnn, dycnn-scratch, mobile, odconv" in msg
     with pytest.raises(DynifyError, match="neither a file nor a bundled recipe"):
         load_recipe("some/dir/missing.yaml")
     with pytest.raises(DynifyTypeError, match="a dict or a Recipe, got int"):
@@ -875,3 +875,49 @@ def test_a_rule_that_switches_kind_keeps_the_fields_that_kind_uses() -> None:
     pw = plan.layer("s1.0.pw").settings
     assert (pw.kind, pw.experts, pw.rank) == ("condconv", 4, None)
     assert plan.layer("head.fc").settings.kind == "dycnn"
+
+
+@pytest.mark.parametrize(
+    ("defaults", "message"),
+    [
+        ({"kind": "dcd", "experts": 4}, r"defaults\.experts: experts applies to kind: dycnn, "
+         r"condconv, odconv, not dcd"),
+        ({"kind": "odconv", "rank": 4}, r"defaults\.rank: rank applies to kind: dcd, not odconv"),
+        ({"kind": "dcd", "init": "scratch"}, r"defaults\.init: kind: dcd starts from init: "
+         r"upcycle, got scratch"),
+        ({"kind": "odconv", "noise": 0.1, "init": "perturb"}, r"noise applies to kind"),
+        ({"kind": "dcd", "routing_std": 0.5}, r"routing_std applies to kind"),
+    ],
+)  # fmt: skip
+def test_a_field_beside_a_kind_that_has_no_use_for_it_is_one_line(defaults, message) -> None:
+    with pytest.raises(DynifyError, match=message):
+        load_recipe({"defaults": defaults})
+    with pytest.raises(DynifyError, match=message.replace(r"defaults\.", "")):
+        RecipeBuilder().set_defaults(**defaults)
+
+
+def test_a_kind_leaves_the_convs_it_does_not_cover_static_with_the_reason() -> None:
+    plan = resolve_plan(TRACE, {"defaults": {"kind": "dcd"}})
+    dw = plan.layer("s1.0.dw")  # depthwise
+    assert not dw.convert and dw.reason.startswith("kind dcd: ") and "depthwise" in dw.reason
+    grouped = plan.layer("s2.0.conv2")
+    assert not grouped.convert and "group" in grouped.reason
+    same = plan.layer("s2.0.conv1")  # timm's run-time TF-'SAME' padding
+    assert not same.convert and same.reason.startswith("kind dcd: ")
+    assert plan.layer("s1.0.pw").convert and plan.layer("s1.0.pw").settings.experts == 1
+    odconv = resolve_plan(TRACE, {"defaults": {"kind": "odconv"}})
+    assert odconv.layer("s1.0.dw").convert and odconv.layer("s2.0.conv2").convert
+    assert not odconv.layer("s2.0.conv1").convert
+    assert odconv.layer("s2.0.conv1").reason.startswith("kind odconv: ")
+    # The file form keeps the reason: a plan read back leaves the same convs static.
+    again = Plan.from_dict(plan.to_dict())
+    assert [lp.convert for lp in again.layers] == [lp.convert for lp in plan.layers]
+
+
+def test_the_bundled_kind_recipes_convert_resnet18_exactly() -> None:
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    for name in ("odconv", "dcd", "condconv"):
+        converted = dynify.apply(model, name, input_size=(3, 32, 32))
+        plan = dynify.plan_of(converted)
+        assert {lp.settings.kind for lp in plan.converted} == {name}
+        assert plan.check_error is not None and plan.check_error < 1e-4
