@@ -1,4 +1,8 @@
-"""Benchmark DynamicConv2d against nn.Conv2d, the seed's formulation and timm's CondConv2d.
+"""Benchmark the dynamic layers against nn.Conv2d, the seed's formulation and timm's CondConv2d.
+
+Implementations: ``dynify`` (DynamicConv2d, DY-CNN), ``odconv`` (ODConv2d, K=4, r=16) and
+``dcd`` (DCDConv2d, r=16; "-" on the shapes its formulation does not cover: depthwise),
+``seed`` and ``condconv`` (timm's CondConv2d) beside ``static`` (nn.Conv2d).
 
 Every implementation of one (shape, batch) cell is timed side by side in the same process,
 in rotating order, ``--repeats`` times, with ``torch.utils.benchmark``'s
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -93,7 +98,8 @@ MALLOC_ENVS: dict[str, dict[str, str]] = {
     "nommap-notrim": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)},
 }
 QUICK_SHAPES = ["3x3-64@56", "3x3-512@7", "1x1-256>64@56", "dw-144@56", "stem-7x7/2-3>64@224"]
-IMPLS = ("static", "dynify", "seed", "condconv")
+IMPLS = ("static", "dynify", "seed", "condconv", "odconv", "dcd")
+MEMORY_IMPLS = ("static", "dynify", "seed", "condconv")  # the memory table's columns
 
 
 # -- the competitors ------------------------------------------------------------------------
@@ -168,7 +174,36 @@ def build(impl: str, shape: Shape) -> nn.Module:
         return SeedDynamicConv(shape)
     if impl == "condconv":
         return TimmCondConv(shape)
+    if impl == "odconv":
+        from dynify.layers import ODConv2d
+
+        layer = ODConv2d.from_conv(conv, num_experts=K, reduction=16)
+        with torch.no_grad():  # trained-looking attention: gates off 0.5 (speed-neutral)
+            layer.attention.heads.weight.normal_(0, 0.1)
+        return layer
+    if impl == "dcd":
+        from dynify.layers import DCDConv2d
+
+        if DCDConv2d.unsupported_reason(**_geometry(conv)) is not None:
+            return None
+        layer = DCDConv2d.from_conv(conv, reduction=16)
+        with torch.no_grad():  # a dynamic scale and latent mix that are not the identity
+            for head in (layer.attention.fc_scale, layer.attention.fc_phi):
+                head.weight.normal_(0, 0.1)
+        return layer
     raise ValueError(impl)
+
+
+def _geometry(conv: nn.Conv2d) -> dict:
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": tuple(conv.kernel_size),
+        "stride": tuple(conv.stride),
+        "padding": tuple(conv.padding),
+        "dilation": tuple(conv.dilation),
+        "groups": conv.groups,
+    }
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -209,7 +244,9 @@ def time_cell(shape: Shape, batch: int, repeats: int, min_run_time: float) -> di
     """{mode: {impl: [ratio per repeat]}, "static_ms": {mode: median ms}}."""
     torch.manual_seed(0)
     x = torch.randn(batch, shape.cin, shape.hw, shape.hw)
-    modules = {impl: build(impl, shape) for impl in IMPLS}
+    built = {impl: build(impl, shape) for impl in IMPLS}
+    modules = {impl: m for impl, m in built.items() if m is not None}
+    impls = tuple(modules)
     result: dict = {"static_ms": {}}
     for mode in ("fwd", "fwdbwd"):
         fns = {
@@ -219,13 +256,15 @@ def time_cell(shape: Shape, batch: int, repeats: int, min_run_time: float) -> di
         for fn in fns.values():  # warm-up: oneDNN primitive creation, allocator
             fn()
             fn()
-        times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+        times: dict[str, list[float]] = {impl: [] for impl in impls}
         for r in range(repeats):
-            order = IMPLS[r % len(IMPLS) :] + IMPLS[: r % len(IMPLS)]
+            order = impls[r % len(impls) :] + impls[: r % len(impls)]
             for impl in order:
                 times[impl].append(_median_time(fns[impl], min_run_time))
         result[mode] = {
             impl: [t / s for t, s in zip(times[impl], times["static"], strict=True)]
+            if impl in times
+            else [math.nan] * repeats  # not covered by that formulation
             for impl in IMPLS
             if impl != "static"
         }
@@ -301,7 +340,7 @@ def _vs(ratios: dict, other: str) -> float:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.2f}"
+    return "-" if math.isnan(v) else f"{v:.2f}"
 
 
 def report(cells: dict, batches: list[int], shapes: list[Shape], memory: dict | None) -> str:
@@ -310,19 +349,22 @@ def report(cells: dict, batches: list[int], shapes: list[Shape], memory: dict | 
         lines += [
             f"### {title}: time as a multiple of nn.Conv2d (median of repeats)",
             "",
-            "| shape | B | nn.Conv2d ms | dynify | seed | CondConv2d | dynify/seed "
-            "| dynify/CondConv |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| shape | B | nn.Conv2d ms | dynify | seed | CondConv2d | ODConv | DCD "
+            "| dynify/seed | dynify/CondConv |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for shape in shapes:
             for b in batches:
                 c = cells[(shape.name, b)]
-                d, s, cc = (_med(c[mode][i]) for i in ("dynify", "seed", "condconv"))
+                d, s, cc, od, dcd = (
+                    _med(c[mode][i]) for i in ("dynify", "seed", "condconv", "odconv", "dcd")
+                )
                 vs_seed = _vs(c[mode], "seed")
                 vs_cc = _vs(c[mode], "condconv")
                 lines.append(
                     f"| {shape.name} | {b} | {c['static_ms'][mode]:.3f} | {_fmt(d)} | "
-                    f"{_fmt(s)} | {_fmt(cc)} | {_fmt(vs_seed)} | {_fmt(vs_cc)} |"
+                    f"{_fmt(s)} | {_fmt(cc)} | {_fmt(od)} | {_fmt(dcd)} | {_fmt(vs_seed)} | "
+                    f"{_fmt(vs_cc)} |"
                 )
         lines.append("")
     if memory:
@@ -371,6 +413,20 @@ def targets(cells: dict, batches: list[int], shapes: list[Shape]) -> list[str]:
         out.append(
             "- B=1 within 1.25x of nn.Conv2d on layers >= 14x14: "
             + ("**met**" if not misses else "**missed**: " + "; ".join(misses))
+        )
+    if 32 in batches:
+        dcd = {
+            f"{name} {mode}": _med(c[mode]["dcd"])
+            for (name, b), c in cells.items()
+            if b == 32
+            for mode in ("fwd", "fwdbwd")
+            if not math.isnan(_med(c[mode]["dcd"]))
+        }
+        worst = max(dcd.items(), key=lambda kv: kv[1]) if dcd else ("-", math.nan)
+        out.append(
+            "- DCD at B=32 within 1.3x of nn.Conv2d on every shape it covers: "
+            + ("**met**" if worst[1] <= 1.3 else "**missed**")
+            + f" (worst {worst[0]}: {worst[1]:.2f}x)"
         )
     big = max(batches)
     if big > 1:
@@ -483,7 +539,9 @@ def main(argv: list[str] | None = None) -> None:
         mem_batch = max(batches)
         memory = {
             "batch": mem_batch,
-            "mb": {s.name: {i: peak_extra_mb(i, s, mem_batch) for i in IMPLS} for s in shapes},
+            "mb": {
+                s.name: {i: peak_extra_mb(i, s, mem_batch) for i in MEMORY_IMPLS} for s in shapes
+            },
         }
     print(report(cells, batches, shapes, memory), flush=True)
     print(f"(load average {os.getloadavg()[0]:.1f} at the end)\n", flush=True)
