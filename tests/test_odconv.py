@@ -628,3 +628,39 @@ def test_torch_compile_matches_eager(cfg, num_experts):
         for b in (1, 3, 8):
             x = make_input(cfg, b)
             assert rel_err(dynamic(x), reference(layer, cfg, x)) < 1e-5
+
+
+@pytest.mark.parametrize("experts", [1, 2, 4])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_the_unfolded_formulation_on_tiny_maps_computes_the_same(experts, groups) -> None:
+    """On a tiny map at batch > 1 (the deep layers of a 32x32 network) every expert is
+    applied to the unfolded input at once; it must equal each sample convolved alone with
+    its own kernel (the batch-1 path), forward and backward, and be priced as it runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dynify.cost.pricing import odconv_layer_macs
+    from dynify.layers.odconv import od_runs_unfolded, odconv_hidden_width
+
+    torch.manual_seed(0)
+    layer = ODConv2d(64, 64, 3, padding=1, groups=groups, num_experts=experts, reduction=4)
+    with torch.no_grad():
+        layer.attention.heads.weight.normal_(0, 0.5)
+    x = torch.randn(3, 64, 4, 4, requires_grad=True)
+    numel = layer.weight[0].numel()
+    assert od_runs_unfolded(3, experts, numel, 16, groups) == (groups == 1)
+    out = layer(x)
+    singles = torch.cat([layer(x[i : i + 1]) for i in range(3)])
+    assert torch.allclose(out, singles, rtol=1e-4, atol=1e-5)
+    cotangent = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, layer.weight, layer.attention.heads.weight], cotangent)
+    ref = torch.autograd.grad(singles, [x, layer.weight, layer.attention.heads.weight], cotangent)
+    for g, r in zip(grads, ref, strict=True):
+        assert torch.allclose(g, r, rtol=1e-3, atol=1e-4)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        layer(x)
+    macs, _, _ = odconv_layer_macs(
+        in_channels=64, out_channels=64, kernel_size=(3, 3), groups=groups, bias=True,
+        experts=experts, hidden=odconv_hidden_width(64, 4), input_hw=(4, 4),
+        output_hw=(4, 4), batch=3,
+    )  # fmt: skip
+    assert counter.get_total_flops() == 2 * macs

@@ -20,7 +20,7 @@ from dynify.errors import DynifyError
 from dynify.layers._functional import runs_stacked
 from dynify.layers.attention import attention_hidden_width
 from dynify.layers.dcd import dcd_rank, dcd_squeeze
-from dynify.layers.odconv import odconv_hidden_width, odconv_sections
+from dynify.layers.odconv import od_runs_unfolded, odconv_hidden_width, odconv_sections
 from dynify.plan import LayerPlan, Plan
 
 __all__ = [
@@ -397,6 +397,8 @@ def odconv_layer_macs(
     conv, mix, output_mix = numel * positions, (k * numel if k > 1 else 0), 0
     if not s and k > 1 and runs_stacked(batch, k, numel, positions, groups):
         conv, mix, output_mix = k * conv, 0, k * out_channels * positions
+    elif s and od_runs_unfolded(batch, k, numel, positions, groups):  # every expert at once
+        conv, mix, output_mix = k * conv, 0, (k * out_channels * positions if k > 1 else 0)
     h, wd = input_hw
     pool = in_channels * (h * wd + 1)  # C*H*W adds and C divides
     # heads' bias and 1/T (2D), ReLU (hidden), sigmoid (c + f + s), softmax (3K)

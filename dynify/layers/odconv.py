@@ -60,6 +60,7 @@ from dynify.layers._functional import (
     choose_strategy,
     dynamic_conv2d,
     mix_kernels,
+    runs_stacked,
 )
 from dynify.layers.attention import _drawable, _reset_linear
 from dynify.layers.base import DynamicLayer
@@ -78,6 +79,7 @@ __all__ = [
     "ODAttention",
     "ODConv2d",
     "od_conv2d",
+    "od_runs_unfolded",
     "odconv_hidden_width",
     "odconv_sections",
 ]
@@ -236,6 +238,45 @@ def _od_kernels(
     return mixed.mul_(spatial)  # a fresh tensor or this thread's scratch buffer
 
 
+def od_runs_unfolded(
+    batch: int, experts: int, kernel_numel: int, out_positions: int, groups: int
+) -> bool:
+    """Whether an eager call with a spatial attention takes the ``unfolded`` formulation: at
+    batch > 1 on the tiny maps where DY-CNN stacks its experts (and, for K = 1, where one
+    expert's worth of extra positions is as few): the input unfolded once, scaled by the
+    spatial attention, and multiplied by every expert at once (K convolutions' MACs, then
+    the outputs mixed), instead of one large kernel per sample, which is memory-bound. The
+    cost model asks this too."""
+    return runs_stacked(batch, max(experts, 2), kernel_numel, out_positions, groups)
+
+
+def _od_unfolded(
+    x: torch.Tensor,
+    kernel_att: torch.Tensor | None,
+    spatial_att: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """``sum_i a_w,i W_i * (a_s . unfold(x))``: every expert's output from one product with
+    the unfolded, spatially scaled input, then mixed by the kernel attention."""
+    batch = x.shape[0]
+    k, c_out, c_in_g, kh, kw = weight.shape
+    out_h, out_w = _output_hw(x, weight, stride, padding, dilation)
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = cols.view(batch, groups, c_in_g, kh * kw, -1) * spatial_att.view(batch, 1, 1, -1, 1)
+    cols = cols.reshape(batch, groups, c_in_g * kh * kw, -1)
+    experts = weight.reshape(k, groups, c_out // groups, c_in_g * kh * kw)
+    if kernel_att is None:
+        out = torch.einsum("goc,bgcp->bgop", experts[0], cols)
+    else:
+        every = torch.einsum("kgoc,bgcp->bkgop", experts, cols)
+        out = torch.einsum("bk,bkgop->bgop", kernel_att, every)
+    return out.reshape(batch, c_out, out_h, out_w)
+
+
 def od_conv2d(
     x: torch.Tensor,
     kernel_att: torch.Tensor | None,
@@ -284,6 +325,14 @@ def od_conv2d(
     elif x.shape[0] == 1:
         kernel = _od_kernels(kernel_att, spatial_att, weight)[0]
         out = F.conv2d(x, kernel, None, stride, padding, dilation, groups)
+    elif od_runs_unfolded(
+        x.shape[0],
+        weight.shape[0],
+        weight[0].numel(),
+        math.prod(_output_hw(x, weight, stride, padding, dilation)),
+        groups,
+    ):
+        out = _od_unfolded(x, kernel_att, spatial_att, weight, stride, padding, dilation, groups)
     else:
         batch = x.shape[0]
         out_hw = _output_hw(x, weight, stride, padding, dilation)
