@@ -53,12 +53,11 @@ from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
 from dynify.errors import DynifyError, DynifyTypeError
 from dynify.layers.attention import MIN_HIDDEN, _drawable, _reset_linear
 from dynify.layers.base import DynamicLayer
+from dynify.layers.dynamic_conv import _check_positive, set_conv_geometry
 
 __all__ = ["DCD_INITS", "DCDAttention", "DCDConv2d", "dcd_rank", "dcd_squeeze", "folds_mix"]
 
 _IntOrPair = int | tuple[int, int]
-
-PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
 
 # How from_conv starts the layer (see DCDConv2d.from_conv).
 DCDInit = Literal["exact", "scratch"]
@@ -173,38 +172,11 @@ class DCDConv2d(DynamicLayer):
         reduction: int = 16,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("out_channels", out_channels),
-            ("groups", groups),
-            ("reduction", reduction),
-        ):
-            _check_positive(name, value)
+        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding,
+                          dilation, groups, padding_mode)  # fmt: skip
+        _check_positive("reduction", reduction)
         if rank is not None:
             _check_positive("rank", rank)
-        if padding_mode not in PADDING_MODES:
-            raise DynifyError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.dilation = _pair(dilation)
-        for name in ("kernel_size", "stride", "dilation"):
-            for v in getattr(self, name):
-                _check_positive(name, v)
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise DynifyError(
-                    f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}"
-                )
-            if padding == "same" and any(s != 1 for s in self.stride):
-                raise DynifyError("padding='same' is not supported for strided convolutions")
-            self.padding: tuple[int, int] | str = padding if padding == "same" else (0, 0)
-        else:
-            self.padding = _pair(padding)
-            if any(p < 0 for p in self.padding):
-                raise DynifyError(f"padding must be >= 0, got {padding}")
-        self.groups = groups
         reason = self.unsupported_reason(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -216,7 +188,6 @@ class DCDConv2d(DynamicLayer):
         )
         if reason is not None:
             raise DynifyError(f"DCDConv2d: {reason}")
-        self.padding_mode = padding_mode
         self.reduction = reduction
         self.rank = dcd_rank(in_channels, out_channels, rank)
         self.squeeze = dcd_squeeze(in_channels, reduction)
@@ -532,8 +503,3 @@ def _kaiming_conv_(weight: torch.Tensor, generator: torch.Generator | None) -> N
     bound = nn.init.calculate_gain("leaky_relu", math.sqrt(5)) * math.sqrt(3.0 / fan_in)
     w = _drawable(weight, generator)
     weight.copy_(w.uniform_(-bound, bound, generator=generator))
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise DynifyError(f"{name} must be a positive integer, got {value!r}")

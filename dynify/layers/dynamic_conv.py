@@ -102,35 +102,15 @@ class DynamicConv2d(DynamicLayer):
         max_kernel_bytes: int = DEFAULT_MAX_KERNEL_BYTES,
     ) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("out_channels", out_channels)
-        _check_positive("groups", groups)
+        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding,
+                          dilation, groups, padding_mode)  # fmt: skip
         _check_positive("num_experts", num_experts)
         _check_positive("reduction", reduction)
-        if in_channels % groups:
-            raise DynifyError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
-        if out_channels % groups:
-            raise DynifyError(
-                f"out_channels ({out_channels}) must be divisible by groups ({groups})"
-            )
         if attention not in ATTENTION_KINDS:
             raise DynifyError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-        if padding_mode not in PADDING_MODES:
-            raise DynifyError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.dilation = _pair(dilation)
-        for name in ("kernel_size", "stride", "dilation"):
-            for v in getattr(self, name):
-                _check_positive(name, v)
-        self.groups = groups
-        self.padding_mode = padding_mode
         self.num_experts = num_experts
         self.reduction = reduction
         self.max_kernel_bytes = int(max_kernel_bytes)
-        self.padding = self._parse_padding(padding)
         # Explicit (left, right, top, bottom) padding applied with F.pad before the
         # convolution: for non-zero modes, and for "same" when the total is odd.
         self._pre_pad = self._pre_padding()
@@ -155,20 +135,6 @@ class DynamicConv2d(DynamicLayer):
         self.reset_parameters()
 
     # -- construction -----------------------------------------------------------------
-
-    def _parse_padding(self, padding: _IntOrPair | str) -> tuple[int, int] | str:
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise DynifyError(
-                    f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}"
-                )
-            if padding == "same" and any(s != 1 for s in self.stride):
-                raise DynifyError("padding='same' is not supported for strided convolutions")
-            return padding if padding == "same" else (0, 0)
-        pad = _pair(padding)
-        if any(p < 0 for p in pad):
-            raise DynifyError(f"padding must be >= 0, got {padding}")
-        return pad
 
     def _pre_padding(self) -> tuple[int, ...] | None:
         if self.padding == "same":
@@ -421,6 +387,56 @@ def _keep_layout(padded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 torch.fx.wrap("_keep_layout")
+
+
+def set_conv_geometry(
+    layer: nn.Module,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: _IntOrPair,
+    stride: _IntOrPair,
+    padding: _IntOrPair | str,
+    dilation: _IntOrPair,
+    groups: int,
+    padding_mode: str,
+) -> None:
+    """Check the ``nn.Conv2d`` arguments every kind of dynamic layer takes, with
+    ``nn.Conv2d``'s rules and one-line errors, and set them on ``layer`` (``in_channels``,
+    ``out_channels``, ``kernel_size``, ``stride``, ``dilation`` and ``padding`` as pairs,
+    ``padding`` ``'same'`` kept as such, ``groups``, ``padding_mode``)."""
+    _check_positive("in_channels", in_channels)
+    _check_positive("out_channels", out_channels)
+    _check_positive("groups", groups)
+    if in_channels % groups:
+        raise DynifyError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+    if out_channels % groups:
+        raise DynifyError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+    if padding_mode not in PADDING_MODES:
+        raise DynifyError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    layer.in_channels = in_channels
+    layer.out_channels = out_channels
+    layer.kernel_size = _pair(kernel_size)
+    layer.stride = _pair(stride)
+    layer.dilation = _pair(dilation)
+    for name in ("kernel_size", "stride", "dilation"):
+        for v in getattr(layer, name):
+            _check_positive(name, v)
+    layer.groups = groups
+    layer.padding_mode = padding_mode
+    layer.padding = _parse_padding(padding, layer.stride)
+
+
+def _parse_padding(padding: _IntOrPair | str, stride: tuple[int, int]) -> tuple[int, int] | str:
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise DynifyError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        if padding == "same" and any(s != 1 for s in stride):
+            raise DynifyError("padding='same' is not supported for strided convolutions")
+        return padding if padding == "same" else (0, 0)
+    pad = _pair(padding)
+    if any(p < 0 for p in pad):
+        raise DynifyError(f"padding must be >= 0, got {padding}")
+    return pad
 
 
 def _check_positive(name: str, value: int) -> None:

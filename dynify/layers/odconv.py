@@ -66,10 +66,10 @@ from dynify.layers.attention import _drawable, _reset_linear
 from dynify.layers.base import DynamicLayer
 from dynify.layers.dynamic_conv import (
     DEFAULT_ROUTING_STD,
-    PADDING_MODES,
     DynamicConv2d,
     _check_positive,
     _keep_layout,
+    set_conv_geometry,
 )
 
 __all__ = [
@@ -479,7 +479,6 @@ class ODConv2d(DynamicLayer):
     KINDS = ("odconv",)
 
     # nn.Conv2d's padding forms and modes, exactly as DynamicConv2d handles them.
-    _parse_padding = DynamicConv2d._parse_padding
     _pre_padding = DynamicConv2d._pre_padding
     _conv_padding = DynamicConv2d._conv_padding
     _pad = DynamicConv2d._pad
@@ -504,33 +503,13 @@ class ODConv2d(DynamicLayer):
         max_kernel_bytes: int = DEFAULT_MAX_KERNEL_BYTES,
     ) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("out_channels", out_channels)
-        _check_positive("groups", groups)
+        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding,
+                          dilation, groups, padding_mode)  # fmt: skip
         _check_positive("num_experts", num_experts)
         _check_positive("reduction", reduction)
-        if in_channels % groups:
-            raise DynifyError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
-        if out_channels % groups:
-            raise DynifyError(
-                f"out_channels ({out_channels}) must be divisible by groups ({groups})"
-            )
-        if padding_mode not in PADDING_MODES:
-            raise DynifyError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.dilation = _pair(dilation)
-        for name in ("kernel_size", "stride", "dilation"):
-            for v in getattr(self, name):
-                _check_positive(name, v)
-        self.groups = groups
-        self.padding_mode = padding_mode
         self.num_experts = num_experts
         self.reduction = reduction
         self.max_kernel_bytes = int(max_kernel_bytes)
-        self.padding = self._parse_padding(padding)
         self._pre_pad = self._pre_padding()
 
         factory = {"device": device, "dtype": dtype}
