@@ -53,7 +53,13 @@ from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
 from dynify.errors import DynifyError, DynifyTypeError
 from dynify.layers.attention import MIN_HIDDEN, _drawable, _reset_linear
 from dynify.layers.base import DynamicLayer
-from dynify.layers.dynamic_conv import _check_positive, set_conv_geometry
+from dynify.layers.dynamic_conv import (
+    _check_positive,
+    checked_kernel,
+    conv_arguments,
+    conv_geometry_repr,
+    set_conv_geometry,
+)
 
 __all__ = ["DCD_INITS", "DCDAttention", "DCDConv2d", "dcd_rank", "dcd_squeeze", "folds_mix"]
 
@@ -349,22 +355,9 @@ class DCDConv2d(DynamicLayer):
                 "what conv.weight says; pass the effective weight= (or use dynify.apply, which "
                 "handles timm's conv variants)"
             )
-        source = conv.weight if weight is None else weight
-        if tuple(source.shape) != tuple(conv.weight.shape):
-            raise DynifyError(
-                f"weight has shape {tuple(source.shape)}, the conv's kernel "
-                f"{tuple(conv.weight.shape)}"
-            )
+        source = checked_kernel(conv, weight)
         layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            stride=conv.stride,  # type: ignore[arg-type]
-            padding=conv.padding,  # type: ignore[arg-type]
-            dilation=conv.dilation,  # type: ignore[arg-type]
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
+            **conv_arguments(conv),
             device="meta",
             dtype=source.dtype,
             rank=rank,
@@ -416,19 +409,7 @@ class DCDConv2d(DynamicLayer):
     # -- display --------------------------------------------------------------------------
 
     def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}"
-        )
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
-        return s + f", rank={self.rank}, reduction={self.reduction}"
+        return conv_geometry_repr(self) + f", rank={self.rank}, reduction={self.reduction}"
 
 
 def folds_mix(out_channels: int, positions: int) -> bool:

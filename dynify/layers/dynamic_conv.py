@@ -7,7 +7,7 @@ with CondConv's sigmoid routing (Yang et al., 2019) as an option.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.fx
@@ -253,15 +253,7 @@ class DynamicConv2d(DynamicLayer):
         # Built on the meta device and then given real storage: the experts are written
         # below, so a default initialisation of K kernels would be wasted work.
         layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
+            **conv_arguments(conv),
             device="meta",
             dtype=source.dtype,
             num_experts=num_experts,
@@ -330,21 +322,9 @@ class DynamicConv2d(DynamicLayer):
         return F.pad(x, self._pre_pad, mode=mode)
 
     def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}"
+        return conv_geometry_repr(self) + (
+            f", num_experts={self.num_experts}, reduction={self.reduction}"
         )
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
-        return s + f", num_experts={self.num_experts}, reduction={self.reduction}"
 
 
 def _init_experts(
@@ -424,6 +404,52 @@ def set_conv_geometry(
     layer.groups = groups
     layer.padding_mode = padding_mode
     layer.padding = _parse_padding(padding, layer.stride)
+
+
+def conv_arguments(conv: nn.Conv2d) -> dict[str, Any]:
+    """The ``nn.Conv2d`` constructor arguments that rebuild ``conv``'s geometry (what a
+    kind's ``from_conv`` passes on)."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
+
+
+def checked_kernel(conv: nn.Conv2d, weight: torch.Tensor | None) -> torch.Tensor:
+    """The kernel a ``from_conv`` starts from: ``weight`` (the one ``conv`` really
+    convolves with, e.g. timm's standardised one) when given, of ``conv``'s kernel shape."""
+    source = conv.weight if weight is None else weight
+    if tuple(source.shape) != tuple(conv.weight.shape):
+        raise DynifyError(
+            f"weight has shape {tuple(source.shape)}, the conv's kernel {tuple(conv.weight.shape)}"
+        )
+    return source
+
+
+def conv_geometry_repr(layer: nn.Module) -> str:
+    """The ``nn.Conv2d``-style part of a dynamic layer's ``extra_repr``."""
+    s = (
+        f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, "
+        f"stride={layer.stride}"
+    )
+    if layer.padding != (0, 0):
+        s += f", padding={layer.padding}"
+    if layer.dilation != (1, 1):
+        s += f", dilation={layer.dilation}"
+    if layer.groups != 1:
+        s += f", groups={layer.groups}"
+    if layer.bias is None:
+        s += ", bias=False"
+    if layer.padding_mode != "zeros":
+        s += f", padding_mode={layer.padding_mode}"
+    return s
 
 
 def _parse_padding(padding: _IntOrPair | str, stride: tuple[int, int]) -> tuple[int, int] | str:

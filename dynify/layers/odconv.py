@@ -69,6 +69,9 @@ from dynify.layers.dynamic_conv import (
     DynamicConv2d,
     _check_positive,
     _keep_layout,
+    checked_kernel,
+    conv_arguments,
+    conv_geometry_repr,
     set_conv_geometry,
 )
 
@@ -642,22 +645,9 @@ class ODConv2d(DynamicLayer):
             routing_std = DEFAULT_ROUTING_STD
         if not (math.isfinite(routing_std) and routing_std >= 0):
             raise DynifyError(f"routing_std must be a finite number >= 0, got {routing_std}")
-        source = conv.weight if weight is None else weight
-        if tuple(source.shape) != tuple(conv.weight.shape):
-            raise DynifyError(
-                f"weight has shape {tuple(source.shape)}, the conv's kernel "
-                f"{tuple(conv.weight.shape)}"
-            )
+        source = checked_kernel(conv, weight)
         layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            stride=conv.stride,  # type: ignore[arg-type]
-            padding=conv.padding,  # type: ignore[arg-type]
-            dilation=conv.dilation,  # type: ignore[arg-type]
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
+            **conv_arguments(conv),
             device="meta",
             dtype=source.dtype,
             num_experts=num_experts,
@@ -729,18 +719,7 @@ class ODConv2d(DynamicLayer):
         )
 
     def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}"
+        return (
+            conv_geometry_repr(self)
+            + f", num_experts={self.num_experts}, reduction={self.reduction}"
         )
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
-        return s + f", num_experts={self.num_experts}, reduction={self.reduction}"
