@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from dynify.artifact import load, save
     from dynify.convert import apply, make_plan
     from dynify.errors import DynifyError
+    from dynify.export import export_onnx, export_program
     from dynify.layers import DynamicConv2d, KernelAttention
     from dynify.layers.dynamic_conv_same import DynamicConv2dSame
     from dynify.plan import LayerPlan, Plan, plan_of, resolve_plan
@@ -58,6 +59,8 @@ __all__ = [
     "apply",
     "cost",
     "errors",
+    "export_onnx",
+    "export_program",
     "load",
     "load_recipe",
     "logging",
@@ -81,6 +84,7 @@ _SOURCES: dict[str, str] = {
         "dynify.artifact": ("load", "save"),
         "dynify.convert": ("apply", "make_plan"),
         "dynify.errors": ("DynifyError",),
+        "dynify.export": ("export_onnx", "export_program"),
         "dynify.layers": ("DynamicConv2d", "KernelAttention"),
         "dynify.layers.dynamic_conv_same": ("DynamicConv2dSame",),
         "dynify.plan": ("LayerPlan", "Plan", "plan_of", "resolve_plan"),

@@ -169,6 +169,7 @@ def test_lower_layers_never_import_higher_ones() -> None:
         {"dynify.convert"},
         {"dynify.routing"},
         {"dynify.artifact"},
+        {"dynify.export"},
         {"dynify.train"},
         {"dynify.search"},
         {"dynify.cli"},

@@ -1,0 +1,531 @@
+"""Exporting a model, converted or not, to ONNX or to a ``torch.export`` program, checked.
+
+:func:`export_onnx` writes one ``.onnx`` file (weights inside) with a dynamic or a fixed
+batch dimension; :func:`export_program` writes a ``torch.export`` program (``.pt2``,
+:func:`torch.export.save`). Both export a copy of the model (on the CPU, in float32, in eval
+mode, the user's model untouched) and, before the file appears under its name, run what was
+written (onnxruntime on the CPU; :func:`torch.export.load`) at two batch sizes (one for a
+fixed batch) against the eager model: the largest error relative to the output's largest
+magnitude must be at most :data:`TOLERANCE`, else nothing is left behind (dynify._io).
+
+The eager dynamic layers fold the batch into a grouped convolution (``groups = B *
+groups``) under tracing, which an ONNX ``Conv`` cannot take with a dynamic batch: ONNX
+export therefore runs under :func:`dynify.layers.portable` when the layers provide it.
+
+A model that cannot be exported is one line naming the module at fault (found from the node
+the exporter failed on, else by exporting each dynamic layer alone) and why; the exporter's
+error stays the ``__cause__``.
+
+ONNX needs the optional ``onnx``, ``onnxruntime`` and ``onnxscript``: ``pip install
+"dynify[export]"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from dynify import layers as _layers
+from dynify._io import atomic_path, ensure_writable
+from dynify._limits import Limit
+from dynify.errors import DynifyError, DynifyTypeError, quoted, shorten
+from dynify.layers.base import DynamicLayer
+from dynify.logging import get_logger
+from dynify.plan import find_plan
+from dynify.trace import check_input_size, default_input_size
+
+__all__ = [
+    "BATCH",
+    "DYNAMIC",
+    "EXTRA_HINT",
+    "FORMATS",
+    "TOLERANCE",
+    "ExportReport",
+    "check_opset",
+    "export_onnx",
+    "export_program",
+    "parse_batch",
+    "require_onnx",
+]
+
+logger = get_logger(__name__)
+
+#: What ``batch=`` takes for a batch dimension the exported graph leaves free.
+DYNAMIC = "dynamic"
+Batch = int | Literal["dynamic"]
+
+#: The formats, as ``dynify export --format`` names them.
+FORMATS: tuple[str, ...] = ("onnx", "torch-export")
+
+#: A fixed batch: the check runs the model at it, eagerly and exported.
+BATCH = Limit(low=1, high=1024, integer=True)
+
+#: The largest error allowed, relative to the eager output's largest magnitude.
+TOLERANCE = 1e-4
+
+#: The batch sizes a dynamic batch dimension is checked at (and the one it is traced at,
+#: which is neither 0 nor 1, sizes that torch.export would specialise).
+DYNAMIC_CHECK_BATCHES: tuple[int, ...] = (1, 3)
+_DYNAMIC_TRACE_BATCH = 2
+
+# The opsets the dynamo-based exporter writes without converting down (its torchlib is
+# opset 18); the highest is what the installed onnx knows.
+_MIN_OPSET = 18
+
+EXTRA_HINT = 'pip install "dynify[export]"'
+
+# A dynamic batch dimension's bound, as torch.export records it: far above any batch a
+# single process runs at.
+BATCH_MAX_DYNAMIC = 2**20
+
+# The largest model one .onnx file holds (protobuf's 2 GiB), with room for the graph.
+_MAX_ONNX_BYTES = 2**31 - 2**26
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote and how it checked.
+
+    ``errors``: ``(batch size, relative max error)`` per check run (empty when
+    ``check=False``); ``opset``: the ONNX opset written (``None`` for a torch.export
+    program)."""
+
+    path: Path
+    format: str
+    batch: Batch
+    input_size: tuple[int, int, int]
+    opset: int | None
+    errors: tuple[tuple[int, float], ...]
+
+    @property
+    def max_error(self) -> float | None:
+        return max((e for _, e in self.errors), default=None)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    batch: Batch = DYNAMIC,
+    input_size: Any = None,
+    opset: int | None = None,
+    check: bool = True,
+) -> ExportReport:
+    """Write ``model`` as one ONNX file, checked with onnxruntime against the eager model.
+
+    Args:
+        model: an ``nn.Module`` taking one image batch ``(B, C, H, W)`` and returning one
+            tensor (a converted model or a static one).
+        path: the ``.onnx`` file; it appears only once written and checked.
+        batch: ``"dynamic"`` (the graph's batch dimension is free; checked at batch 1 and
+            3) or a fixed batch size (checked at it).
+        input_size: ``(C, H, W)`` (or ``"3,224,224"``); default: the size the model's plan
+            was traced at, else the model's own (timm's ``pretrained_cfg``).
+        opset: the ONNX opset to write (default: the exporter's).
+        check: run the written graph against the eager model (``False``: export only).
+
+    Raises:
+        DynifyError: one line for a bad argument, a missing extra, a module that cannot be
+            exported (named) or a graph that does not compute what the model does.
+    """
+    batch, size = _check_arguments(model, path, batch=batch, input_size=input_size)
+    require_onnx()
+    opset = check_opset(opset)
+    target = Path(path)
+    reference = _cpu_copy(model)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+    if parameter_bytes > _MAX_ONNX_BYTES:
+        raise DynifyError(
+            f"the model's weights take {parameter_bytes / 2**30:.1f} GiB, more than one ONNX "
+            f"file holds (2 GiB); export it with format 'torch-export' instead"
+        )
+    exportable = _cpu_copy(reference)
+    example = _inputs(size, batch if isinstance(batch, int) else _DYNAMIC_TRACE_BATCH)
+    with _portable(exportable):
+        program = _torch_export(exportable, example, batch, what="ONNX")
+        onnx_program = _onnx_program(exportable, program, example, batch, opset)
+    import onnx
+
+    with atomic_path(target) as tmp:
+        onnx_program.save(tmp, external_data=False)
+        written = onnx.load(str(tmp), load_external_data=False)
+        opset_written = next(
+            (o.version for o in written.opset_import if o.domain in ("", "ai.onnx")), None
+        )
+        errors: tuple[tuple[int, float], ...] = ()
+        if check:
+            run = _onnxruntime_runner(tmp, batch)
+            errors = _compare(reference, run, size, batch, what="the ONNX graph (onnxruntime)")
+    logger.debug("wrote %s (%s)", target, _error_text(errors))
+    return ExportReport(target, "onnx", batch, size, opset_written, errors)
+
+
+def export_program(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    batch: Batch = DYNAMIC,
+    input_size: Any = None,
+    check: bool = True,
+) -> ExportReport:
+    """Write ``model`` as a ``torch.export`` program (:func:`torch.export.save`, ``.pt2``),
+    checked by loading it back (:func:`torch.export.load`) and running it against the eager
+    model. Arguments as :func:`export_onnx` (the batch: a ``Dim`` when ``"dynamic"``)."""
+    batch, size = _check_arguments(model, path, batch=batch, input_size=input_size)
+    target = Path(path)
+    reference = _cpu_copy(model)
+    exportable = _cpu_copy(reference)
+    example = _inputs(size, batch if isinstance(batch, int) else _DYNAMIC_TRACE_BATCH)
+    program = _torch_export(exportable, example, batch, what="torch.export")
+    with atomic_path(target) as tmp:
+        # Through file objects: torch names a path that does not end in .pt2 a mistake.
+        with open(tmp, "wb") as f:
+            torch.export.save(program, f)
+        errors: tuple[tuple[int, float], ...] = ()
+        if check:
+            with open(tmp, "rb") as f:
+                loaded = torch.export.load(f).module()
+            errors = _compare(
+                reference, lambda x: loaded(x), size, batch, what="the loaded torch.export program"
+            )
+    logger.debug("wrote %s (%s)", target, _error_text(errors))
+    return ExportReport(target, "torch-export", batch, size, None, errors)
+
+
+# -- arguments ------------------------------------------------------------------------------
+
+
+def _check_arguments(
+    model: Any, path: Any, *, batch: Any, input_size: Any
+) -> tuple[Batch, tuple[int, int, int]]:
+    if not isinstance(model, nn.Module):
+        raise DynifyTypeError(
+            f"model must be a torch nn.Module, got {type(model).__name__}", arguments=("model",)
+        )
+    if not isinstance(path, str | os.PathLike):
+        raise DynifyTypeError(
+            f"path must be a file path, got {type(path).__name__}", arguments=("path",)
+        )
+    batch = parse_batch(batch)
+    ensure_writable(path, what="path")
+    if input_size is not None:
+        size = check_input_size(input_size)
+    else:
+        plan = find_plan(model)
+        size = tuple(plan.input_size) if plan is not None else default_input_size(model)
+    return batch, size  # type: ignore[return-value]
+
+
+def parse_batch(value: Any) -> Batch:
+    """``"dynamic"``, or a fixed batch size (an int, or its digits as text, ``"8"``)."""
+    if value == DYNAMIC:
+        return DYNAMIC
+    batch = int(value) if isinstance(value, str) and value.isdigit() else value
+    if not BATCH.accepts(batch):
+        raise DynifyError(
+            f"batch must be {DYNAMIC!r} or {BATCH}, got {quoted(value)}", arguments=("batch",)
+        )
+    return batch
+
+
+def check_opset(opset: Any) -> int | None:
+    """``opset`` if the exporter writes it (``None``: its default); needs onnx."""
+    if opset is None:
+        return None
+    import onnx
+
+    limit = Limit(low=_MIN_OPSET, high=onnx.defs.onnx_opset_version(), integer=True)
+    limit.check("opset", opset)
+    return int(opset)
+
+
+def require_onnx() -> None:
+    """Import what ONNX export needs (the ``export`` extra), or say how to install it."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise DynifyError(
+                f"exporting to ONNX needs the packages onnx, onnxscript and onnxruntime "
+                f"({name} is not installed): {EXTRA_HINT}"
+            ) from err
+
+
+# -- the model --------------------------------------------------------------------------
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the CPU, in float32 and eval mode (the original untouched)."""
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as err:
+        raise DynifyError(
+            f"cannot copy the model for export ({type(err).__name__}: {shorten(str(err), 120)})"
+        ) from err
+    return copied.to(device="cpu", dtype=torch.float32).eval()
+
+
+@contextlib.contextmanager
+def _portable(model: nn.Module) -> Iterator[None]:
+    """The dynamic layers' batch-independent formulation, where the layers provide it."""
+    portable = getattr(_layers, "portable", None)
+    with portable(model) if portable is not None else contextlib.nullcontext():
+        yield
+
+
+def _inputs(size: tuple[int, int, int], batch: int, *, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *size), generator=generator)
+
+
+def _dynamic_shapes(batch: Batch) -> tuple[dict[int, Any], ...] | None:
+    if batch != DYNAMIC:
+        return None
+    return ({0: torch.export.Dim("batch", min=1, max=BATCH_MAX_DYNAMIC)},)
+
+
+# -- exporting --------------------------------------------------------------------------
+
+
+def _torch_export(
+    model: nn.Module, example: torch.Tensor, batch: Batch, *, what: str
+) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(batch))
+    except Exception as err:
+        raise _export_failure(model, example, batch, err, what, _torch_export_one) from err
+
+
+def _torch_export_one(module: nn.Module, x: torch.Tensor, batch: Batch) -> None:
+    torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(batch))
+
+
+def _onnx_program(
+    model: nn.Module,
+    program: torch.export.ExportedProgram,
+    example: torch.Tensor,
+    batch: Batch,
+    opset: int | None,
+) -> Any:
+    try:
+        return torch.onnx.export(
+            program, (example,), dynamo=True, opset_version=opset, verbose=False
+        )
+    except Exception as err:
+        raise _export_failure(
+            model, example, batch, err, "ONNX", _onnx_export_one, program=program
+        ) from err
+
+
+def _onnx_export_one(module: nn.Module, x: torch.Tensor, batch: Batch) -> None:
+    torch.onnx.export(
+        module, (x,), dynamo=True, dynamic_shapes=_dynamic_shapes(batch), verbose=False
+    )
+
+
+# -- when it fails ------------------------------------------------------------------------
+
+_FAILED_NODE = re.compile(r"translating node %(\w+)")
+
+
+def _export_failure(
+    model: nn.Module,
+    example: torch.Tensor,
+    batch: Batch,
+    err: BaseException,
+    what: str,
+    export_one: Callable[[nn.Module, torch.Tensor, Batch], None],
+    *,
+    program: torch.export.ExportedProgram | None = None,
+) -> DynifyError:
+    """The one line for a failed export: the module at fault and why."""
+    found = _module_of_failed_node(model, program, err)
+    if found is None:
+        found = _first_failing_layer(model, example, batch, export_one)
+    if found is not None:
+        name, module, cause = found
+        return DynifyError(
+            f"cannot export module {name!r} ({type(module).__name__}) to {what}: "
+            f"{_reason(cause, module, batch)}"
+        )
+    return DynifyError(
+        f"cannot export the model ({type(model).__name__}) to {what}: {_reason(err, None, batch)}"
+    )
+
+
+def _module_of_failed_node(
+    model: nn.Module, program: torch.export.ExportedProgram | None, err: BaseException
+) -> tuple[str, nn.Module, BaseException] | None:
+    """The innermost module whose code made the node the ONNX translator failed on."""
+    match = _FAILED_NODE.search(" ".join(str(e) for e in _chain(err)))
+    if program is None or match is None:
+        return None
+    node = next((n for n in program.graph.nodes if n.name == match[1]), None)
+    stack = node.meta.get("nn_module_stack") if node is not None else None
+    if not stack:
+        return None
+    name = list(stack.values())[-1][0]
+    try:
+        return name, model.get_submodule(name), err
+    except AttributeError:
+        return None
+
+
+def _first_failing_layer(
+    model: nn.Module,
+    example: torch.Tensor,
+    batch: Batch,
+    export_one: Callable[[nn.Module, torch.Tensor, Batch], None],
+) -> tuple[str, nn.Module, BaseException] | None:
+    """The first dynamic layer (in the order they run) that does not export on its own."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                inputs.setdefault(name, args[0].detach())
+
+        return hook
+
+    hooks = [
+        module.register_forward_pre_hook(keep(name))
+        for name, module in model.named_modules()
+        if isinstance(module, DynamicLayer)
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception:  # the eager model fails too: nothing to narrow down
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, x in inputs.items():
+        module = model.get_submodule(name)
+        try:
+            export_one(module, x, batch)
+        except Exception as err:
+            return name, module, err
+    return None
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    chain = [err]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 32:
+        chain.append(nxt)
+    return chain
+
+
+def _reason(err: BaseException, module: nn.Module | None, batch: Batch) -> str:
+    """Why, in words: the innermost error's first line, with what to do when known."""
+    chain = _chain(err)
+    text = " ".join(str(e) for e in chain)
+    if (
+        batch == DYNAMIC
+        and isinstance(module, DynamicLayer)
+        and "Unsupported attribute type" in text
+        and "group" in text
+    ):
+        return (
+            "its convolution's groups depend on the batch size (the batch folded into the "
+            "groups), and an ONNX Conv needs them fixed; export with a fixed batch"
+        )
+    inner = chain[-1]
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return shorten(f"{type(inner).__name__}: {first}" if first else type(inner).__name__, 240)
+
+
+# -- checking ---------------------------------------------------------------------------
+
+
+def _check_batches(batch: Batch) -> tuple[int, ...]:
+    return DYNAMIC_CHECK_BATCHES if batch == DYNAMIC else (int(batch),)
+
+
+def _onnxruntime_runner(path: Path, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings are not the user's
+    try:
+        session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as err:
+        raise DynifyError(
+            f"onnxruntime {onnxruntime.__version__} cannot load the exported graph "
+            f"({shorten(str(err), 200)})"
+        ) from err
+    (graph_input,) = session.get_inputs()
+    if batch == DYNAMIC and isinstance(graph_input.shape[0], int):
+        raise DynifyError(
+            f"the exported ONNX graph fixed the batch at {graph_input.shape[0]} although a "
+            f"dynamic batch was asked for"
+        )
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        (y, *_) = session.run(None, {graph_input.name: x.numpy()})
+        return torch.from_numpy(y)
+
+    return run
+
+
+def _compare(
+    reference: nn.Module,
+    run: Callable[[torch.Tensor], torch.Tensor],
+    size: tuple[int, int, int],
+    batch: Batch,
+    *,
+    what: str,
+) -> tuple[tuple[int, float], ...]:
+    """Run ``what`` and the eager model at each check batch size; refuse an error above
+    :data:`TOLERANCE`."""
+    errors = []
+    for i, b in enumerate(_check_batches(batch)):
+        x = _inputs(size, b, seed=1 + i)
+        with torch.no_grad():
+            expected = reference(x)
+        if not isinstance(expected, torch.Tensor):
+            raise DynifyError(
+                f"the model returns {type(expected).__name__}, not one tensor; export takes "
+                f"models with one tensor output"
+            )
+        try:
+            with torch.no_grad():
+                got = run(x)
+        except Exception as err:
+            raise DynifyError(f"{what} failed at batch {b} ({shorten(str(err), 200)})") from err
+        if tuple(got.shape) != tuple(expected.shape):
+            raise DynifyError(
+                f"{what} gave an output of shape {tuple(got.shape)} at batch {b}, the eager "
+                f"model {tuple(expected.shape)}"
+            )
+        scale = float(expected.abs().max())
+        diff = float((got.to(expected.dtype) - expected).abs().max())
+        error = diff / scale if scale > 0 else diff
+        if not math.isfinite(error) or error > TOLERANCE:
+            raise DynifyError(
+                f"{what} does not compute what the model does: at batch {b} the max error "
+                f"relative to the output's largest magnitude is {error:.2e}, above the "
+                f"tolerance {TOLERANCE:g}; nothing was written"
+            )
+        errors.append((b, error))
+    return tuple(errors)
+
+
+def _error_text(errors: tuple[tuple[int, float], ...]) -> str:
+    if not errors:
+        return "not checked"
+    return ", ".join(f"batch {b}: max relative error {e:.1e}" for b, e in errors)
