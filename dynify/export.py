@@ -10,11 +10,13 @@ magnitude must be at most :data:`TOLERANCE`, else nothing is left behind (dynify
 
 The eager dynamic layers fold the batch into a grouped convolution (``groups = B *
 groups``) under tracing, which an ONNX ``Conv`` cannot take with a dynamic batch: ONNX
-export therefore runs under :func:`dynify.layers.portable` when the layers provide it.
+export therefore traces under :func:`dynify.layers.portable` (the same function as batched
+matrix products). A torch.export program keeps the layers' own formulation, which
+torch.export traces with a symbolic batch.
 
 A model that cannot be exported is one line naming the module at fault (found from the node
-the exporter failed on, else by exporting each dynamic layer alone) and why; the exporter's
-error stays the ``__cause__``.
+the ONNX translator failed on, else by exporting its modules alone, from the model down to
+the innermost that fails) and why; the exporter's error stays the ``__cause__``.
 
 ONNX needs the optional ``onnx``, ``onnxruntime`` and ``onnxscript``: ``pip install
 "dynify[export]"``.
@@ -25,9 +27,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import io
+import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +41,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dynify import layers as _layers
 from dynify._io import atomic_path, ensure_writable
 from dynify._limits import Limit
 from dynify.errors import DynifyError, DynifyTypeError, quoted, shorten
-from dynify.layers.base import DynamicLayer
+from dynify.layers import portable
 from dynify.logging import get_logger
 from dynify.plan import find_plan
 from dynify.trace import check_input_size, default_input_size
@@ -152,17 +156,12 @@ def export_onnx(
         )
     exportable = _cpu_copy(reference)
     example = _inputs(size, batch if isinstance(batch, int) else _DYNAMIC_TRACE_BATCH)
-    with _portable(exportable):
+    with _exporter_quiet(), portable(exportable):
         program = _torch_export(exportable, example, batch, what="ONNX")
         onnx_program = _onnx_program(exportable, program, example, batch, opset)
-    import onnx
-
-    with atomic_path(target) as tmp:
+    opset_written = onnx_program.model.opset_imports.get("")
+    with _exporter_quiet(), atomic_path(target) as tmp:
         onnx_program.save(tmp, external_data=False)
-        written = onnx.load(str(tmp), load_external_data=False)
-        opset_written = next(
-            (o.version for o in written.opset_import if o.domain in ("", "ai.onnx")), None
-        )
         errors: tuple[tuple[int, float], ...] = ()
         if check:
             run = _onnxruntime_runner(tmp, batch)
@@ -187,8 +186,9 @@ def export_program(
     reference = _cpu_copy(model)
     exportable = _cpu_copy(reference)
     example = _inputs(size, batch if isinstance(batch, int) else _DYNAMIC_TRACE_BATCH)
-    program = _torch_export(exportable, example, batch, what="torch.export")
-    with atomic_path(target) as tmp:
+    with _exporter_quiet():
+        program = _torch_export(exportable, example, batch, what="torch.export")
+    with _exporter_quiet(), atomic_path(target) as tmp:
         # Through file objects: torch names a path that does not end in .pt2 a mistake.
         with open(tmp, "wb") as f:
             torch.export.save(program, f)
@@ -276,14 +276,6 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
     return copied.to(device="cpu", dtype=torch.float32).eval()
 
 
-@contextlib.contextmanager
-def _portable(model: nn.Module) -> Iterator[None]:
-    """The dynamic layers' batch-independent formulation, where the layers provide it."""
-    portable = getattr(_layers, "portable", None)
-    with portable(model) if portable is not None else contextlib.nullcontext():
-        yield
-
-
 def _inputs(size: tuple[int, int, int], batch: int, *, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *size), generator=generator)
@@ -296,6 +288,49 @@ def _dynamic_shapes(batch: Batch) -> tuple[dict[int, Any], ...] | None:
 
 
 # -- exporting --------------------------------------------------------------------------
+
+
+class _ToDebug(logging.Filter):
+    """Drops a record, after logging its message to dynify's log at debug level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger.debug("%s: %s", record.name, record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """The exporters' own output off the user's stderr while they run, into dynify's log at
+    debug level: torch prints the partial graph it failed on (which the one line raised
+    names instead), logs and warns of things the check then measures.
+
+    The filter sits on the loggers, not their handlers: torch replaces its handlers when
+    its compiler is first imported (during an export)."""
+    import torch._dynamo  # noqa: F401 (its loggers exist from here)
+
+    quiet = _ToDebug()
+    loggers = [
+        logger_
+        for name, logger_ in list(logging.Logger.manager.loggerDict.items())
+        if isinstance(logger_, logging.Logger) and name.split(".")[0] in _EXPORTER_LOGGERS
+    ]
+    for logger_ in loggers:
+        logger_.addFilter(quiet)
+    printed = io.StringIO()
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(printed):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for logger_ in loggers:
+            logger_.removeFilter(quiet)
+        for warning in caught:
+            logger.debug("exporter warning: %s", warning.message)
+        if printed.getvalue().strip():
+            logger.debug("the exporter printed: %s", printed.getvalue())
+
+
+_EXPORTER_LOGGERS = frozenset({"torch", "onnxscript", "onnx_ir", "onnx", "onnxruntime"})
 
 
 def _torch_export(
@@ -352,15 +387,14 @@ def _export_failure(
     """The one line for a failed export: the module at fault and why."""
     found = _module_of_failed_node(model, program, err)
     if found is None:
-        found = _first_failing_layer(model, example, batch, export_one)
+        found = _failing_module(model, example, batch, export_one)
     if found is not None:
         name, module, cause = found
         return DynifyError(
-            f"cannot export module {name!r} ({type(module).__name__}) to {what}: "
-            f"{_reason(cause, module, batch)}"
+            f"cannot export module {name!r} ({type(module).__name__}) to {what}: {_reason(cause)}"
         )
     return DynifyError(
-        f"cannot export the model ({type(model).__name__}) to {what}: {_reason(err, None, batch)}"
+        f"cannot export the model ({type(model).__name__}) to {what}: {_reason(err)}"
     )
 
 
@@ -382,26 +416,28 @@ def _module_of_failed_node(
         return None
 
 
-def _first_failing_layer(
+def _failing_module(
     model: nn.Module,
     example: torch.Tensor,
     batch: Batch,
     export_one: Callable[[nn.Module, torch.Tensor, Batch], None],
 ) -> tuple[str, nn.Module, BaseException] | None:
-    """The first dynamic layer (in the order they run) that does not export on its own."""
+    """The innermost module that does not export on its own: from the model down, the first
+    child (in the order they run) that fails, until none of a failing module's children
+    fails. Only modules called with one tensor can be tried alone."""
     inputs: dict[str, torch.Tensor] = {}
 
     def keep(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], torch.Tensor):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
                 inputs.setdefault(name, args[0].detach())
 
         return hook
 
     hooks = [
-        module.register_forward_pre_hook(keep(name))
+        module.register_forward_pre_hook(keep(name), with_kwargs=True)
         for name, module in model.named_modules()
-        if isinstance(module, DynamicLayer)
+        if name
     ]
     try:
         with torch.no_grad():
@@ -411,13 +447,26 @@ def _first_failing_layer(
     finally:
         for hook in hooks:
             hook.remove()
-    for name, x in inputs.items():
-        module = model.get_submodule(name)
-        try:
-            export_one(module, x, batch)
-        except Exception as err:
-            return name, module, err
-    return None
+    found: tuple[str, nn.Module, BaseException] | None = None
+    parent, attempts = "", 0
+    while attempts < _MAX_ATTEMPTS:
+        prefix = f"{parent}." if parent else ""
+        children = [n for n in inputs if n.startswith(prefix) and "." not in n[len(prefix) :]]
+        for name in children:
+            attempts += 1
+            module = model.get_submodule(name)
+            try:
+                export_one(module, inputs[name], batch)
+            except Exception as err:
+                found, parent = (name, module, err), name
+                break
+        else:
+            break
+    return found
+
+
+# Modules exported alone, at most, to find the one at fault.
+_MAX_ATTEMPTS = 200
 
 
 def _chain(err: BaseException) -> list[BaseException]:
@@ -427,21 +476,11 @@ def _chain(err: BaseException) -> list[BaseException]:
     return chain
 
 
-def _reason(err: BaseException, module: nn.Module | None, batch: Batch) -> str:
-    """Why, in words: the innermost error's first line, with what to do when known."""
-    chain = _chain(err)
-    text = " ".join(str(e) for e in chain)
-    if (
-        batch == DYNAMIC
-        and isinstance(module, DynamicLayer)
-        and "Unsupported attribute type" in text
-        and "group" in text
-    ):
-        return (
-            "its convolution's groups depend on the batch size (the batch folded into the "
-            "groups), and an ONNX Conv needs them fixed; export with a fixed batch"
-        )
-    inner = chain[-1]
+def _reason(err: BaseException) -> str:
+    """Why, in words: the innermost error's type and first line."""
+    inner = _chain(err)[-1]
+    if type(inner).__name__ == "GuardOnDataDependentSymNode":
+        return "its Python code branches on a tensor's values, which a graph cannot record"
     lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
     first = lines[0] if lines else ""
     return shorten(f"{type(inner).__name__}: {first}" if first else type(inner).__name__, 240)
