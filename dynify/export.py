@@ -125,6 +125,7 @@ def export_onnx(
     input_size: Any = None,
     opset: int | None = None,
     check: bool = True,
+    optimize: bool = True,
 ) -> ExportReport:
     """Write ``model`` as one ONNX file, checked with onnxruntime against the eager model.
 
@@ -138,6 +139,9 @@ def export_onnx(
             was traced at, else the model's own (timm's ``pretrained_cfg``).
         opset: the ONNX opset to write (default: the exporter's).
         check: run the written graph against the eager model (``False``: export only).
+        optimize: run onnxscript's graph optimizer (constant folding, rewrites) on the
+            graph; ``False`` exports quicker (the optimizer took about 40% of the export
+            of a converted test_resnet), and onnxruntime still optimizes the graph it loads.
 
     Raises:
         DynifyError: one line for a bad argument, a missing extra, a module that cannot be
@@ -158,7 +162,7 @@ def export_onnx(
     example = _inputs(size, batch if isinstance(batch, int) else _DYNAMIC_TRACE_BATCH)
     with _exporter_quiet(), portable(exportable):
         program = _torch_export(exportable, example, batch, what="ONNX")
-        onnx_program = _onnx_program(exportable, program, example, batch, opset)
+        onnx_program = _onnx_program(exportable, program, example, batch, opset, optimize)
     opset_written = onnx_program.model.opset_imports.get("")
     with _exporter_quiet(), atomic_path(target) as tmp:
         onnx_program.save(tmp, external_data=False)
@@ -352,10 +356,16 @@ def _onnx_program(
     example: torch.Tensor,
     batch: Batch,
     opset: int | None,
+    optimize: bool,
 ) -> Any:
     try:
         return torch.onnx.export(
-            program, (example,), dynamo=True, opset_version=opset, verbose=False
+            program,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            optimize=optimize,
+            verbose=False,
         )
     except Exception as err:
         raise _export_failure(

@@ -39,6 +39,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="default: the size the artifact's plan was traced at",
     )
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the check")
+    p.add_argument(
+        "--no-optimize",
+        dest="optimize",
+        action="store_false",
+        help="skip onnxscript's graph optimizer (quicker; onnxruntime optimizes at load anyway)",
+    )
     p.add_argument("--output", required=True, metavar="PATH", help="the file to write")
     p.set_defaults(run=run)
 
@@ -65,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.artifact}: {info['model_name']} {info['model_kwargs']}")
     common = {"batch": batch, "input_size": input_size, "check": args.check}
     if args.format == "onnx":
-        report = export.export_onnx(model, output, opset=args.opset, **common)
+        report = export.export_onnx(
+            model, output, opset=args.opset, optimize=args.optimize, **common
+        )
     else:
         report = export.export_program(model, output, **common)
     size = "x".join(map(str, report.input_size))
