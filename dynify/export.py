@@ -233,7 +233,7 @@ def _check_arguments(
 
 def parse_batch(value: Any) -> Batch:
     """``"dynamic"``, or a fixed batch size (an int, or its digits as text, ``"8"``)."""
-    if value == DYNAMIC:
+    if isinstance(value, str) and value == DYNAMIC:
         return DYNAMIC
     batch = int(value) if isinstance(value, str) and value.isdigit() else value
     if not BATCH.accepts(batch):
@@ -286,7 +286,7 @@ def _inputs(size: tuple[int, int, int], batch: int, *, seed: int = 0) -> torch.T
 
 
 def _dynamic_shapes(batch: Batch) -> tuple[dict[int, Any], ...] | None:
-    if batch != DYNAMIC:
+    if batch != DYNAMIC:  # a fixed batch: every shape static
         return None
     return ({0: torch.export.Dim("batch", min=1, max=BATCH_MAX_DYNAMIC)},)
 
