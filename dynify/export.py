@@ -43,6 +43,7 @@ from torch import nn
 
 from dynify._io import atomic_path, ensure_writable
 from dynify._limits import Limit
+from dynify._modes import evaluating
 from dynify.errors import DynifyError, DynifyTypeError, quoted, shorten
 from dynify.layers import portable
 from dynify.logging import get_logger
@@ -151,14 +152,13 @@ def export_onnx(
     require_onnx()
     opset = check_opset(opset)
     target = Path(path)
-    reference = _cpu_copy(model)
-    parameter_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+    parameter_bytes = sum(p.numel() * 4 for p in model.parameters())  # float32, as exported
     if parameter_bytes > _MAX_ONNX_BYTES:
         raise DynifyError(
             f"the model's weights take {parameter_bytes / 2**30:.1f} GiB, more than one ONNX "
             f"file holds (2 GiB); export it with format 'torch-export' instead"
         )
-    exportable = _cpu_copy(reference)
+    exportable = _cpu_copy(model)
     example = _inputs(size, batch if isinstance(batch, int) else _DYNAMIC_TRACE_BATCH)
     with _exporter_quiet(), portable(exportable):
         program = _torch_export(exportable, example, batch, what="ONNX")
@@ -169,7 +169,7 @@ def export_onnx(
         errors: tuple[tuple[int, float], ...] = ()
         if check:
             run = _onnxruntime_runner(tmp, batch)
-            errors = _compare(reference, run, size, batch, what="the ONNX graph (onnxruntime)")
+            errors = _compare(model, run, size, batch, what="the ONNX graph (onnxruntime)")
     logger.debug("wrote %s (%s)", target, _error_text(errors))
     return ExportReport(target, "onnx", batch, size, opset_written, errors)
 
@@ -187,8 +187,7 @@ def export_program(
     model. Arguments as :func:`export_onnx` (the batch: a ``Dim`` when ``"dynamic"``)."""
     batch, size = _check_arguments(model, path, batch=batch, input_size=input_size)
     target = Path(path)
-    reference = _cpu_copy(model)
-    exportable = _cpu_copy(reference)
+    exportable = _cpu_copy(model)
     example = _inputs(size, batch if isinstance(batch, int) else _DYNAMIC_TRACE_BATCH)
     with _exporter_quiet():
         program = _torch_export(exportable, example, batch, what="torch.export")
@@ -201,7 +200,7 @@ def export_program(
             with open(tmp, "rb") as f:
                 loaded = torch.export.load(f).module()
             errors = _compare(
-                reference, lambda x: loaded(x), size, batch, what="the loaded torch.export program"
+                model, lambda x: loaded(x), size, batch, what="the loaded torch.export program"
             )
     logger.debug("wrote %s (%s)", target, _error_text(errors))
     return ExportReport(target, "torch-export", batch, size, None, errors)
@@ -532,19 +531,25 @@ def _onnxruntime_runner(path: Path, batch: Batch) -> Callable[[torch.Tensor], to
 
 
 def _compare(
-    reference: nn.Module,
+    model: nn.Module,
     run: Callable[[torch.Tensor], torch.Tensor],
     size: tuple[int, int, int],
     batch: Batch,
     *,
     what: str,
 ) -> tuple[tuple[int, float], ...]:
-    """Run ``what`` and the eager model at each check batch size; refuse an error above
-    :data:`TOLERANCE`."""
+    """Run ``what`` and the eager model (in eval mode for the moment) at each check batch
+    size; refuse an error above :data:`TOLERANCE`. The reference is the model itself when
+    it is on the CPU in float32, else such a copy of it."""
+    on_cpu = all(
+        t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point())
+        for t in [*model.parameters(), *model.buffers()]
+    )
+    reference = model if on_cpu else _cpu_copy(model)
     errors = []
     for i, b in enumerate(_check_batches(batch)):
         x = _inputs(size, b, seed=1 + i)
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(reference):
             expected = reference(x)
         if not isinstance(expected, torch.Tensor):
             raise DynifyError(
