@@ -9,10 +9,18 @@ ODConv: its four attentions side by side; DCD: the channel scale and the latent 
 ``attention(x)`` computes it, ``forward_routed(x, routing)`` applies it, and
 ``forward(x) == forward_routed(x, attention(x))``. Freezing a layer's routing at its mean
 over images (what ``dynify.routing`` measures) is replacing ``attention``'s output.
+
+What shipping a model needs (``dynify fold``, ``dynify export``) is here too:
+``sample_kernels(routing)`` is each sample's kernel and bias written out, the literal
+definition every formulation computes; ``average_kernel`` is their mean over images (the
+static conv a layer that does not route folds to); ``forward_portable`` is the formulation
+an exported graph uses (``dynify.layers.portable``); ``fuse_affine_`` takes in a following
+per-channel affine map (an eval-mode BatchNorm) exactly; ``drop_experts_`` removes experts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -73,8 +81,15 @@ class DynamicLayer(nn.Module):
     #: K, the number of expert kernels mixed per sample (1 when the kind mixes none).
     num_experts: int = 1
 
+    #: Compute with the portable formulation (set by ``dynify.layers.portable``).
+    portable: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_routed(x, self.attention(x))
+        # The attention pools the unpadded input, as the surrounding network sees it.
+        routing = self.attention(x)
+        if self.portable:
+            return self.forward_portable(x, routing)
+        return self.forward_routed(x, routing)
 
     def forward_routed(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """The layer's output with ``routing`` ``(B, D)`` in place of ``attention(x)``."""
@@ -88,6 +103,58 @@ class DynamicLayer(nn.Module):
     def expert_kernels(self) -> torch.Tensor | None:
         """The ``(K, ...)`` expert kernels (the diagnostics' expert spread), or ``None``."""
         return None
+
+    # -- shipping: the kernels written out, folding, fusing -------------------------
+
+    def sample_kernels(self, routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each sample's kernel ``(B, C_out, C_in // groups, kh, kw)`` and bias ``(B, C_out)``
+        (``None`` without one) under ``routing`` ``(B, D)``: the convolution with these is
+        the layer's output (for the layer's own padding)."""
+        raise NotImplementedError
+
+    def forward_portable(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        """``forward_routed(x, routing)`` with ops whose shapes never involve the batch
+        (what an exported graph computes; see ``dynify.layers.portable``)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def average_kernel(
+        self, routing: torch.Tensor, *, max_bytes: int = 64 * 2**20
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mean over the ``N`` samples of ``routing`` ``(N, D)`` of their kernels and
+        biases (:meth:`sample_kernels`), accumulated in float64 a chunk of samples at a time
+        (at most ``max_bytes`` of kernels at once), returned in the layer's dtype: the
+        static conv that computes, for every input, the layer's average function."""
+        weight = next(self.parameters())
+        routing = routing.to(weight.device, weight.dtype)
+        per_sample = self.out_channels * (self.in_channels // self.groups)
+        per_sample *= self.kernel_size[0] * self.kernel_size[1] * weight.element_size()
+        chunk = max(1, max_bytes // max(per_sample, 1))
+        kernel_sum = bias_sum = None
+        for part in routing.split(chunk):
+            kernels, bias = self.sample_kernels(part)
+            k = kernels.double().sum(dim=0)
+            kernel_sum = k if kernel_sum is None else kernel_sum + k
+            if bias is not None:
+                b = bias.double().sum(dim=0)
+                bias_sum = b if bias_sum is None else bias_sum + b
+        if kernel_sum is None:
+            raise DynifyError("average_kernel needs the routing of at least one sample")
+        n = routing.shape[0]
+        kernel = (kernel_sum / n).to(weight.dtype)
+        return kernel, None if bias_sum is None else (bias_sum / n).to(weight.dtype)
+
+    def fuse_affine_(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Make the layer compute ``scale[o] * y[o] + shift[o]`` (``scale``, ``shift``:
+        ``(C_out,)``) exactly, for every input: an eval-mode BatchNorm that follows it,
+        taken in. May add a bias parameter; works on the meta device (shapes only)."""
+        raise NotImplementedError
+
+    def drop_experts_(self, keep: Sequence[int]) -> None:
+        """Keep only the experts ``keep`` (indices, in order), renormalising the mixture
+        where the kind's weights are a softmax (which is then exactly the softmax over the
+        experts kept)."""
+        raise DynifyError(f"a {self.kind} layer has no experts to drop")
 
     # -- temperature (kinds whose attention has one) ----------------------------------
 

@@ -54,6 +54,7 @@ from dynify.errors import DynifyError, DynifyTypeError
 from dynify.layers.attention import MIN_HIDDEN, _drawable, _reset_linear
 from dynify.layers.base import DynamicLayer
 from dynify.layers.dynamic_conv import (
+    _affine,
     _check_positive,
     checked_kernel,
     conv_arguments,
@@ -388,9 +389,6 @@ class DCDConv2d(DynamicLayer):
 
     # -- the DynamicLayer protocol ------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_routed(x, self.attention(x))
-
     def forward_routed(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """The output with ``routing`` ``(B, C_out + L^2)`` (``[Lambda, Phi]``) in place of
         the attention's."""
@@ -405,6 +403,38 @@ class DCDConv2d(DynamicLayer):
             main = F.conv2d(xp, self.weight, None, self.stride, 0, self.dilation)
         residual = _low_rank_residual(x, self.q, self.p, phi, self.bias, self.stride)
         return torch.addcmul(residual, main, scale)
+
+    # -- shipping ---------------------------------------------------------------------
+
+    def sample_kernels(self, routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``Lambda(x) W0 + P (I + Phi(x)) Q^T`` (the low-rank term at the centre tap) per
+        sample; the bias as it is (DCD does not scale it)."""
+        c_out, b = self.out_channels, routing.shape[0]
+        scale = routing[:, :c_out]
+        phi = routing[:, c_out:].unflatten(1, (self.rank, self.rank))
+        p, q = self.p.flatten(1), self.q.flatten(1)  # (C_out, L), (L, C_in)
+        low_rank = p @ q + torch.matmul(p, torch.matmul(phi, q))  # (B, C_out, C_in)
+        kernels = self.weight.unsqueeze(0) * scale[:, :, None, None, None]
+        ch, cw = ((k - 1) // 2 for k in self.kernel_size)
+        centre = torch.zeros_like(kernels)
+        centre[:, :, :, ch, cw] = low_rank
+        bias = None if self.bias is None else self.bias.expand(b, -1)
+        return kernels + centre, bias
+
+    def forward_portable(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        # Already batch-independent: a static conv, batched products on the feature maps.
+        return self.forward_routed(x, routing)
+
+    @torch.no_grad()
+    def fuse_affine_(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """``W0 <- scale * W0``, ``P <- scale * P`` (row-wise) and ``b <- scale * b + shift``:
+        exact, since both terms of the kernel are linear in their output rows."""
+        scale, shift = _affine(self, scale, shift)
+        self.weight.mul_(scale.view(-1, 1, 1, 1))
+        self.p.mul_(scale.view(-1, 1, 1, 1))
+        if self.bias is None:
+            self.bias = nn.Parameter(torch.zeros_like(shift))
+        self.bias.mul_(scale).add_(shift)
 
     # -- display --------------------------------------------------------------------------
 

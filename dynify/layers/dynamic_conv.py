@@ -7,6 +7,7 @@ with CondConv's sigmoid routing (Yang et al., 2019) as an option.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -25,6 +26,7 @@ from dynify.layers.attention import (
     _reset_linear,
 )
 from dynify.layers.base import DynamicLayer
+from dynify.layers.portable import per_sample_conv2d
 
 __all__ = [
     "DEFAULT_ROUTING_STD",
@@ -124,6 +126,10 @@ class DynamicConv2d(DynamicLayer):
         self.bias = (
             nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
         )
+        # A constant bias added after the mixture: only a BatchNorm fused into a sigmoid
+        # (CondConv) layer needs one (see fuse_affine_).
+        self.static_bias: nn.Parameter | None
+        self.register_parameter("static_bias", None)
         self.attention = KernelAttention(
             in_channels,
             num_experts,
@@ -295,14 +301,10 @@ class DynamicConv2d(DynamicLayer):
 
     # -- forward ----------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The attention pools the unpadded input, as the surrounding network sees it.
-        return self.forward_routed(x, self.attention(x))
-
     def forward_routed(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """The convolution with given expert weights ``routing`` ``(B, K)`` instead of the
         attention's (what the routing diagnostics use to freeze a layer's routing)."""
-        return dynamic_conv2d(
+        out = dynamic_conv2d(
             _keep_layout(self._pad(x), x),
             routing,
             self.weight,
@@ -313,6 +315,64 @@ class DynamicConv2d(DynamicLayer):
             self.groups,
             self.max_kernel_bytes,
         )
+        if self.static_bias is not None:
+            out = out + self.static_bias[:, None, None]
+        return out
+
+    # -- shipping ---------------------------------------------------------------------
+
+    def sample_kernels(self, routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        kernels = torch.einsum("bk,k...->b...", routing, self.weight)
+        bias = None if self.bias is None else routing @ self.bias
+        if self.static_bias is not None:
+            fixed = self.static_bias.expand(routing.shape[0], -1)
+            bias = fixed if bias is None else bias + fixed
+        return kernels, bias
+
+    def forward_portable(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        kernels, bias = self.sample_kernels(routing)
+        return per_sample_conv2d(
+            self._pad(x), kernels, bias, self.stride, self._conv_padding(), self.dilation,
+            self.groups,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def fuse_affine_(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """``W_k <- scale * W_k`` for every expert (exact under any attention: the mixture
+        is linear in the experts). The shift goes into every expert's bias under softmax,
+        whose weights sum to 1 for every input, so ``sum_k pi_k (b_k + shift) = b(x) +
+        shift``; sigmoid weights do not sum to a constant, so there the shift is a bias of
+        its own (``static_bias``), added after the mixture."""
+        scale, shift = _affine(self, scale, shift)
+        self.weight.mul_(scale.view(1, -1, 1, 1, 1))
+        if self.attention.kind == "softmax":
+            if self.bias is None:
+                self.bias = nn.Parameter(torch.zeros_like(self.weight[:, :, 0, 0, 0]))
+            self.bias.mul_(scale).add_(shift)
+            return
+        if self.bias is not None:
+            self.bias.mul_(scale)
+        if self.static_bias is None:
+            self.static_bias = nn.Parameter(torch.zeros_like(shift))
+        self.static_bias.mul_(scale).add_(shift)
+
+    @torch.no_grad()
+    def drop_experts_(self, keep: Sequence[int]) -> None:
+        """Under softmax the attention over the experts kept is the softmax over their
+        logits (``fc2``'s rows kept), i.e. their weights renormalised to sum to 1; under
+        sigmoid each weight is its own, and the dropped experts' share is simply gone."""
+        index = _kept(self, keep)
+        self.weight = nn.Parameter(self.weight[index].clone())
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias[index].clone())
+        fc2 = self.attention.fc2
+        new = nn.Linear(
+            fc2.in_features, len(index), device=fc2.weight.device, dtype=fc2.weight.dtype
+        )
+        new.weight.copy_(fc2.weight[index])
+        new.bias.copy_(fc2.bias[index])
+        self.attention.fc2 = new
+        self.attention.num_experts = self.num_experts = len(index)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """Padding the convolution itself cannot do (non-zero modes, odd 'same' totals)."""
@@ -468,3 +528,26 @@ def _parse_padding(padding: _IntOrPair | str, stride: tuple[int, int]) -> tuple[
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise DynifyError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _affine(
+    layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale`` and ``shift`` checked to be ``(C_out,)``, on the layer's device and dtype."""
+    c_out = layer.out_channels
+    for name, t in (("scale", scale), ("shift", shift)):
+        if tuple(t.shape) != (c_out,):
+            raise DynifyError(f"{name} must have shape ({c_out},), got {tuple(t.shape)}")
+    weight = layer.weight
+    return scale.to(weight.device, weight.dtype), shift.to(weight.device, weight.dtype)
+
+
+def _kept(layer: DynamicLayer, keep: Sequence[int]) -> list[int]:
+    """``keep`` checked to be distinct expert indices of ``layer``, at least one."""
+    index = [int(k) for k in keep]
+    k = layer.num_experts
+    if not index or len(set(index)) != len(index) or any(not 0 <= i < k for i in index):
+        raise DynifyError(
+            f"keep must list distinct expert indices from 0 to {k - 1}, at least one; got {index}"
+        )
+    return index

@@ -37,6 +37,7 @@ Deviations from the reference, all deliberate:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -67,13 +68,16 @@ from dynify.layers.base import DynamicLayer
 from dynify.layers.dynamic_conv import (
     DEFAULT_ROUTING_STD,
     DynamicConv2d,
+    _affine,
     _check_positive,
     _keep_layout,
+    _kept,
     checked_kernel,
     conv_arguments,
     conv_geometry_repr,
     set_conv_geometry,
 )
+from dynify.layers.portable import per_sample_conv2d
 
 __all__ = [
     "DEFAULT_REDUCTION",
@@ -694,10 +698,6 @@ class ODConv2d(DynamicLayer):
 
     # -- forward ----------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The attention pools the unpadded input, as the surrounding network sees it.
-        return self.forward_routed(x, self.attention(x))
-
     def forward_routed(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """The convolution with the attentions ``routing`` ``(B, D)`` instead of the
         attention's (what the routing diagnostics use to freeze a layer's routing)."""
@@ -717,6 +717,64 @@ class ODConv2d(DynamicLayer):
             self.groups,
             self.max_kernel_bytes,
         )
+
+    # -- shipping ---------------------------------------------------------------------
+
+    def sample_kernels(self, routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``a_f[o] a_c[i] a_s[t] sum_k a_w,k W_k[o, i, t]`` per sample, the bias as it is."""
+        channel, filt, spatial, kernel = self.split_routing(routing)
+        b, g = routing.shape[0], self.groups
+        if kernel is None:
+            kernels = self.weight[0].unsqueeze(0).expand(b, *self.weight.shape[1:])
+        else:
+            kernels = torch.einsum("bk,k...->b...", kernel, self.weight)
+        c_out, c_in_g, kh, kw = self.weight.shape[1:]
+        # Output channel o (group o // (C_out / g)) reads input channels of its own group.
+        per_input = channel.reshape(b, g, 1, c_in_g).expand(b, g, c_out // g, c_in_g)
+        kernels = kernels * per_input.reshape(b, c_out, c_in_g, 1, 1)
+        if spatial is not None:
+            kernels = kernels * spatial.reshape(b, 1, 1, kh, kw)
+        if filt is not None:
+            kernels = kernels * filt.reshape(b, c_out, 1, 1, 1)
+        bias = None if self.bias is None else self.bias.expand(b, -1)
+        return kernels, bias
+
+    def forward_portable(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        kernels, bias = self.sample_kernels(routing)
+        return per_sample_conv2d(
+            self._pad(x), kernels, bias, self.stride, self._conv_padding(), self.dilation,
+            self.groups,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def fuse_affine_(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """``W_k <- scale * W_k`` and ``b <- scale * b + shift``: exact under any attention,
+        since every attention multiplies the kernel and the bias is added after them."""
+        scale, shift = _affine(self, scale, shift)
+        self.weight.mul_(scale.view(1, -1, 1, 1, 1))
+        if self.bias is None:
+            self.bias = nn.Parameter(torch.zeros_like(shift))
+        self.bias.mul_(scale).add_(shift)
+
+    @torch.no_grad()
+    def drop_experts_(self, keep: Sequence[int]) -> None:
+        """The kernel attention over the experts kept is the softmax over their logits
+        (the heads' rows kept), their weights renormalised; keeping one expert removes the
+        kernel attention (a softmax over one logit is 1), as a K = 1 layer has none."""
+        index = _kept(self, keep)
+        self.weight = nn.Parameter(self.weight[index].clone())
+        att = self.attention
+        s = att.num_sigmoid
+        rows = list(range(s)) + ([s + i for i in index] if len(index) > 1 else [])
+        heads = att.heads
+        new = nn.Linear(
+            heads.in_features, len(rows), device=heads.weight.device, dtype=heads.weight.dtype
+        )
+        new.weight.copy_(heads.weight[rows])
+        new.bias.copy_(heads.bias[rows])
+        att.heads = new
+        att.sections = (*att.sections[:3], len(index) if len(index) > 1 else 0)
+        self.num_experts = len(index)
 
     def extra_repr(self) -> str:
         return (
