@@ -14,11 +14,14 @@ and nothing else reads that output. It traces the model with torch.fx (convs, no
 dynamic layers and timm's leaf modules kept as leaves). A model fx cannot trace is run once
 on an example image instead, with forward hooks that match a conv's output tensor to a
 norm's input tensor (the same object, unmodified) and the autograd graph counting who reads
-that output. That fallback is reported (a warning, and :attr:`PairSearch.method`), and it
-has a limit: it sees only the *differentiable* uses of an output, so a model that also
-reads a conv's output without gradients (``.detach()``, ``argmax``, a shape taken to steer
-control flow is harmless) could have a pair fused that it should not; pass ``pairs=`` to
-:func:`fuse_batchnorm` for such a model.
+that output. That fallback is reported (a warning, and :attr:`PairSearch.method`).
+
+Limits. Convs and norms inside one of timm's fx leaf modules (``MobileVitBlock``, ...) are
+not seen by the fx pass and stay unfused. The hook fallback sees only the
+*differentiable* reads of a conv's output: a model that also reads it without gradients
+(``.detach()``, ``argmax``, an integer index computed from it) could have a pair fused that
+it should not; for such a model pass the ``pairs=`` to fuse to :func:`fuse_batchnorm`.
+Taking an output's shape is no read and is harmless.
 
 Fusing and ``dynify fold`` (which replaces dynamic layers that do not route by static convs,
 built by :func:`static_conv_like`) change the module tree after ``dynify.apply``, so a model
@@ -61,12 +64,15 @@ __all__ = [
     "StaticConv",
     "apply_edits",
     "conv_norm_pairs",
+    "conv_refusal",
     "edits_of",
     "find_conv_norm_pairs",
     "find_edits",
     "fuse_batchnorm",
+    "norm_refusal",
     "record_edits",
     "static_conv_like",
+    "static_refusal",
 ]
 
 logger = get_logger(__name__)
@@ -429,7 +435,9 @@ def _module_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module, aliases: dict[int, list[str]]):
+def _replace(
+    model: nn.Module, old: nn.Module, new: nn.Module, aliases: dict[int, list[str]]
+) -> None:
     """Put ``new`` wherever ``old`` is registered (a module tied under several names)."""
     for name in aliases.get(id(old), []):
         parent_name, _, child = name.rpartition(".")

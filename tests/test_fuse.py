@@ -331,7 +331,8 @@ def test_fusing_on_the_meta_device_gives_the_structure_of_a_real_fusion() -> Non
         meta = timm.create_model("test_resnet", pretrained=False, num_classes=5)
         meta = dynify.apply(meta, dynify.plan_of(real), inplace=True, check=False)
     fused = fuse_batchnorm(real)
-    assert len(fuse_batchnorm(meta, [(p.conv, p.norm) for p in fused])) == len(fused) > 0
+    # fx finds the same pairs on a skeleton without values.
+    assert fuse_batchnorm(meta) == fused and len(fused) == 15
     shapes = {k: tuple(v.shape) for k, v in real.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in meta.state_dict().items()} == shapes
     assert any(k.endswith("static_bias") for k in shapes)  # CondConv's fused shift
