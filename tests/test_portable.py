@@ -127,6 +127,7 @@ def test_portable_formulation_is_the_layer(name: str, layer: nn.Module) -> None:
     _close(out, eager)
 
 
+@torch.no_grad()
 def test_sample_kernels_follow_each_papers_formula_element_by_element() -> None:
     """DY-CNN / CondConv: sum_k pi_k W_k; ODConv: a_f[o] a_c[i] a_s[t] sum_k a_w,k W_k;
     DCD: Lambda[o] W0 + (P (I + Phi) Q^T)[o, i] at the centre tap; written as loops."""
