@@ -423,9 +423,9 @@ def _fuse_into_conv(conv: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -
 
 def _remainder(norm: nn.Module) -> nn.Module:
     """What replaces a fused norm: nothing (``nn.Identity``), or a BatchNormAct2d's tail."""
-    if isinstance(norm, BatchNormAct2d):
-        return DropAct(norm.drop, norm.act)
-    return nn.Identity()
+    rest = DropAct(norm.drop, norm.act) if isinstance(norm, BatchNormAct2d) else nn.Identity()
+    rest.training = norm.training  # its drop and act keep their own modes
+    return rest
 
 
 def _module_names(model: nn.Module) -> dict[int, list[str]]:
