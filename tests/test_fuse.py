@@ -46,6 +46,17 @@ warnings.filterwarnings("ignore", category=UserWarning)
 EXACT = 1e-10
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: float64 grouped (depthwise) convs open one parallel region per
+    group, and on a busy machine two threads waiting on each other made mobilenetv2's first
+    float64 pass take a minute instead of half a second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomise_norms(model: nn.Module, seed: int = 0, *, eps: float | None = 1e-3) -> None:
     """Running statistics and affine parameters far from the identity, and an eps of
     ``eps`` (not a tensor, so not saved: ``None`` keeps it), so that a fusion that forgot
@@ -131,7 +142,7 @@ FAMILIES = [
     pytest.param("efficientnet_b0", 49, 0, id="efficientnet_b0-BatchNormAct2d"),
     pytest.param("regnetx_002", 44, 0, id="regnetx_002"),
     pytest.param("tf_efficientnet_b0", 49, 0, id="tf_efficientnet_b0-Conv2dSame"),
-    pytest.param("densenet121", 59, 62, id="densenet121-BN-before-conv", marks=pytest.mark.slow),
+    pytest.param("densenet121", 59, 62, id="densenet121-BN-before-conv"),
 ]
 
 
@@ -323,6 +334,14 @@ def test_every_dynamic_kind_fuses_exactly(kind: str, bias: bool) -> None:
     assert error < EXACT, f"{kind}: fused output differs by {error:.2e}"
 
 
+@pytest.mark.parametrize("kind", ["dycnn", "condconv", "odconv", "dcd"])
+def test_a_converted_resnet18_of_every_kind_fuses_exactly(kind: str) -> None:
+    model = _trained(kind, "resnet18")
+    fused, error = _fused_matches(model, (3, 32, 32))
+    assert len(fused) == 20 and all(p.conv_type != "Conv2d" for p in fused)
+    assert error < EXACT, f"{kind}: fused output differs by {error:.2e}"
+
+
 # -- the record and its replay ----------------------------------------------------------------
 
 
@@ -461,12 +480,13 @@ def test_static_conv_like_keeps_the_geometry(module: nn.Module, cls: type, bias:
 # -- artifacts ------------------------------------------------------------------------------
 
 
-def _trained(kind: str) -> nn.Module:
-    """A converted test_resnet whose BNs and routing are far from their starting point."""
+def _trained(kind: str, name: str = "test_resnet") -> nn.Module:
+    """A converted model (every conv dynamic) whose BNs and routing are far from their
+    starting point."""
     defaults: dict[str, Any] = {"kind": kind}
     if kind != "dcd":
         defaults["experts"] = 2
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=5)
+    model = timm.create_model(name, pretrained=False, num_classes=5)
     model = dynify.apply(model, {"defaults": defaults}, input_size=(3, 32, 32))
     _randomise_norms(model, seed=4, eps=None)
     gen = torch.Generator().manual_seed(5)
