@@ -2,7 +2,9 @@
 
 The data flow: timm model -> :func:`trace_model` (fx, shapes, positions) -> :func:`make_plan`
 (recipe rules resolved per conv) -> :func:`apply` (swap via ``DynamicConv2d.from_conv``)
--> optional fine-tune (temperature schedule) -> artifact (:func:`save` / :func:`load`);
+-> optional fine-tune (temperature schedule) -> :func:`fuse_batchnorm` (BatchNorms into the
+convs before them, for export) -> artifact (:func:`save` / :func:`load`) -> export
+(:func:`export_onnx`, :func:`export_program`: ONNX, torch.export, checked);
 :func:`routing_report` measures whether the converted layers route.
 
 The public API is what this module exports: the names below, and the subpackages
@@ -28,6 +30,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from dynify.convert import apply, make_plan
     from dynify.errors import DynifyError
     from dynify.export import export_onnx, export_program
+    from dynify.fuse import ModelEdits, apply_edits, conv_norm_pairs, fuse_batchnorm
     from dynify.layers import DynamicConv2d, KernelAttention
     from dynify.layers.dynamic_conv_same import DynamicConv2dSame
     from dynify.plan import LayerPlan, Plan, plan_of, resolve_plan
@@ -46,6 +49,7 @@ __all__ = [
     "LayerPlan",
     "LayerRouting",
     "LayerSettings",
+    "ModelEdits",
     "ModelTrace",
     "Plan",
     "Recipe",
@@ -57,10 +61,13 @@ __all__ = [
     "TemperatureScheduler",
     "__version__",
     "apply",
+    "apply_edits",
+    "conv_norm_pairs",
     "cost",
     "errors",
     "export_onnx",
     "export_program",
+    "fuse_batchnorm",
     "load",
     "load_recipe",
     "logging",
@@ -85,6 +92,7 @@ _SOURCES: dict[str, str] = {
         "dynify.convert": ("apply", "make_plan"),
         "dynify.errors": ("DynifyError",),
         "dynify.export": ("export_onnx", "export_program"),
+        "dynify.fuse": ("ModelEdits", "apply_edits", "conv_norm_pairs", "fuse_batchnorm"),
         "dynify.layers": ("DynamicConv2d", "KernelAttention"),
         "dynify.layers.dynamic_conv_same": ("DynamicConv2dSame",),
         "dynify.plan": ("LayerPlan", "Plan", "plan_of", "resolve_plan"),

@@ -2,7 +2,9 @@
 
 The weights are stored as safetensors; the metadata holds what is needed to rebuild the
 module tree: the timm model name and keyword arguments, the resolved plan (which convs are
-dynamic and how), and the dynify, timm and torch versions that wrote it. Last step of the
+dynamic and how), the edits made to the tree after the plan (``edits``: BatchNorms fused,
+dynamic layers made static; see :mod:`dynify.fuse`), and the dynify, timm and torch
+versions that wrote it. Last step of the
 data flow (... -> swap -> fine-tune -> artifact).
 
 An artifact is untrusted input: loading one builds the named timm architecture with random
@@ -33,6 +35,7 @@ from dynify._memory import format_gib
 from dynify._version import __version__
 from dynify.convert import apply, model_name_of
 from dynify.errors import DynifyError, did_you_mean, quoted, shorten
+from dynify.fuse import ModelEdits, apply_edits, find_edits
 from dynify.models import MAX_COUNT, check_model_name
 from dynify.plan import Plan, plan_of
 
@@ -133,11 +136,17 @@ MAX_HEADER_BYTES = 16 * 2**20
 
 
 class ArtifactInfo(dict):
-    """The artifact's metadata: ``model_name``, ``model_kwargs``, ``plan`` and versions."""
+    """The artifact's metadata: ``model_name``, ``model_kwargs``, ``plan``, ``edits`` and
+    versions."""
 
     @property
     def plan(self) -> Plan:
         return Plan.from_dict(self["plan"])
+
+    @property
+    def edits(self) -> ModelEdits:
+        """The edits made after the plan (empty for an artifact that has none)."""
+        return ModelEdits.from_dict(self.get("edits") or {})
 
 
 def save(
@@ -151,7 +160,8 @@ def save(
     """Write ``model`` (converted by :func:`dynify.apply`) to one ``.safetensors`` file.
 
     Args:
-        model: a converted timm model (it must carry its plan).
+        model: a converted timm model (it must carry its plan); the edits it records
+            (:func:`dynify.fuse_batchnorm`, ``dynify fold``) are stored beside the plan.
         path: the file to write; it appears only once complete (temporary name + rename).
         model_name: the timm name (default: the model's ``pretrained_cfg`` architecture).
         model_kwargs: keyword arguments for ``timm.create_model`` (default: the model's
@@ -188,6 +198,9 @@ def save(
         "torch_version": torch.__version__,
         "extra": json.dumps(extra or {}),
     }
+    edits = find_edits(model)
+    if edits is not None and not edits.empty:
+        metadata["edits"] = json.dumps(edits.to_dict())
     target = Path(path)
     # safetensors writes a temporary of its own beside the file it is given: a private
     # folder keeps it where a later write finds it if this process is killed.
@@ -314,10 +327,14 @@ def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     check_model_kwargs(kwargs, where=f"{where}: model_kwargs")
     plan = _json_field(meta, "plan", where, dict)
     Plan.from_dict(plan, source=f"{where}: plan")  # validated here, parsed again on use
+    # Older artifacts have no edits: nothing was changed after the plan.
+    edits = _json_field(meta, "edits", where, dict) if "edits" in meta else {}
+    ModelEdits.from_dict(edits, source=where)  # "'file': edits.fused[2][1]: ..."
     return ArtifactInfo(
         model_name=model_name,
         model_kwargs=kwargs,
         plan=plan,
+        edits=edits,
         dynify_version=meta.get("dynify_version"),
         timm_version=meta.get("timm_version"),
         torch_version=meta.get("torch_version"),
@@ -325,10 +342,12 @@ def read_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     )
 
 
-def _build(info: ArtifactInfo, plan: Plan, where: str, *, meta: bool) -> nn.Module:
-    """The converted model the metadata describe, with random weights; on the meta device
-    (``meta``: no memory), so that it can be compared with the file's tensors before
-    anything is allocated.
+def _build(
+    info: ArtifactInfo, plan: Plan, edits: ModelEdits, where: str, *, meta: bool
+) -> nn.Module:
+    """The converted model the metadata describe, ``edits`` replayed, with random weights;
+    on the meta device (``meta``: no memory), so that it can be compared with the file's
+    tensors before anything is allocated.
 
     Raises:
         DynifyError: one line naming the artifact and the field at fault when the
@@ -351,12 +370,24 @@ def _build(info: ArtifactInfo, plan: Plan, where: str, *, meta: bool) -> nn.Modu
         ) from err
     try:
         with place:
-            return apply(model, plan, inplace=True, check=False)
+            model = apply(model, plan, inplace=True, check=False)
     except DynifyError as err:  # the plan's own checks name the key ("plan: layers[3]...")
         raise DynifyError(f"{where}: {err}") from err
     except (RuntimeError, ValueError, AssertionError, TypeError) as err:
         raise DynifyError(
             f"{where}: plan: its layers do not build on {name} ({type(err).__name__}: "
+            f"{shorten(str(err), 120) or 'no message'}); damaged or forged metadata"
+        ) from err
+    if edits.empty:
+        return model
+    try:
+        with place:
+            return apply_edits(model, edits)
+    except DynifyError as err:  # names the key ("edits.fused[2][1]: ...")
+        raise DynifyError(f"{where}: {err}") from err
+    except (RuntimeError, ValueError, AssertionError, TypeError) as err:
+        raise DynifyError(
+            f"{where}: edits: they do not apply to {name} as planned ({type(err).__name__}: "
             f"{shorten(str(err), 120) or 'no message'}); damaged or forged metadata"
         ) from err
 
@@ -412,16 +443,17 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     """Rebuild a converted model from an artifact alone (same outputs as when saved).
 
     The metadata are validated (:func:`read_info`), the converted model is built on the
-    meta device and its every tensor compared with the file's header, all before any
-    weight is allocated; only then is the model built and the weights read.
+    meta device (its recorded edits replayed) and its every tensor compared with the file's
+    header, all before any weight is allocated; only then is the model built and the
+    weights read. The model carries its plan and its edits, as when saved.
     """
     from safetensors.torch import load_model
 
     info = read_info(path)
     where = repr(str(path))
-    plan = info.plan  # parsed once for both builds (read_info only validated it)
-    _check_tensors(_build(info, plan, where, meta=True), info, Path(path), where)
-    model = _build(info, plan, where, meta=False)
+    plan, edits = info.plan, info.edits  # parsed once for both builds (read_info validated)
+    _check_tensors(_build(info, plan, edits, where, meta=True), info, Path(path), where)
+    model = _build(info, plan, edits, where, meta=False)
     try:
         load_model(model, str(path), strict=True, device=str(device))
     except RuntimeError as err:

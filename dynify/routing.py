@@ -49,7 +49,14 @@ from dynify._table import format_table
 from dynify.errors import DynifyError
 from dynify.layers.base import DynamicLayer
 
-__all__ = ["LayerRouting", "RoutingReport", "dynamic_layers", "routing_report"]
+__all__ = [
+    "LayerRouting",
+    "RoutingReport",
+    "dynamic_layers",
+    "image_batches",
+    "output_logits",
+    "routing_report",
+]
 
 DEFAULT_IMAGES = 512
 
@@ -218,7 +225,7 @@ def routing_report(
     if not layers:
         raise DynifyError("the model has no dynamic layers (convert it with dynify.apply)")
     param = next(net.parameters())
-    batches = _take(images, max_images, param.device, param.dtype)
+    batches = image_batches(images, max_images, param.device, param.dtype)
     n = sum(b.shape[0] for b in batches)
     with evaluating(net):  # each module's mode comes back as it was (frozen BN stays)
         # Pass 1: every layer's attention, and the model's output.
@@ -227,7 +234,7 @@ def routing_report(
             layer.attention.register_forward_hook(_recorder(seen[name])) for name, layer in layers
         ]
         try:
-            reference = [_logits(net(x)) for x in batches]
+            reference = [output_logits(net(x)) for x in batches]
         finally:
             for h in hooks:
                 h.remove()
@@ -307,9 +314,12 @@ def expert_spread(weight: torch.Tensor) -> float:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _take(
+def image_batches(
     images: Any, max_images: int, device: torch.device, dtype: torch.dtype
 ) -> list[torch.Tensor]:
+    """At most ``max_images`` images of ``images`` (a ``(N, C, H, W)`` tensor, or batches of
+    them or of ``(images, labels)`` pairs) as a list of batches on ``device``, floating
+    point in ``dtype``: what every measurement here runs on."""
     if max_images < 1:
         raise DynifyError(f"max_images must be >= 1, got {max_images}")
     source = images.split(128) if isinstance(images, torch.Tensor) else images
@@ -332,7 +342,8 @@ def _take(
     return batches
 
 
-def _logits(out: Any) -> torch.Tensor:
+def output_logits(out: Any) -> torch.Tensor:
+    """The logits of a model's output (a tensor, or the first tensor of a tuple), float."""
     if isinstance(out, torch.Tensor):
         return out.float()
     if isinstance(out, list | tuple) and out and isinstance(out[0], torch.Tensor):
@@ -378,7 +389,7 @@ def _frozen_effect(
     flipped = count = 0
     try:
         for x, ref in zip(batches, reference, strict=True):
-            out = _logits(net(x))
+            out = output_logits(net(x))
             total += float(ref.double().square().sum())
             diff += float((out.double() - ref.double()).square().sum())
             if ref.dim() == 2:

@@ -167,6 +167,7 @@ def test_lower_layers_never_import_higher_ones() -> None:
         {"dynify.models"},
         {"dynify.cost"},
         {"dynify.convert"},
+        {"dynify.fuse"},
         {"dynify.routing"},
         {"dynify.artifact"},
         {"dynify.export"},

@@ -19,7 +19,7 @@ import pytest
 import dynify
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("convert", "inspect", "finetune", "search", "export")
+COMMANDS = ("convert", "inspect", "finetune", "search", "fold", "export")
 
 
 def _env() -> dict[str, str]:

@@ -37,7 +37,7 @@ from dynify.logging import get_logger
 __all__ = ["Limit", "check_limits", "interrupted", "main"]
 
 # Command modules, in the order ``--help`` lists them. Later issues append here.
-COMMANDS: tuple[str, ...] = ("convert", "inspect", "finetune", "search", "export")
+COMMANDS: tuple[str, ...] = ("convert", "inspect", "finetune", "search", "fold", "export")
 
 
 class _Parser(argparse.ArgumentParser):
