@@ -3,9 +3,10 @@
 :func:`export_onnx` writes one ``.onnx`` file (weights inside) with a dynamic or a fixed
 batch dimension; :func:`export_program` writes a ``torch.export`` program (``.pt2``,
 :func:`torch.export.save`). Both export a copy of the model (on the CPU, in float32, in eval
-mode, the user's model untouched) and, before the file appears under its name, run what was
-written (onnxruntime on the CPU; :func:`torch.export.load`) at two batch sizes (one for a
-fixed batch) against the eager model: the largest error relative to the output's largest
+mode, its BatchNorms fused into the convs before them by :func:`dynify.fuse_batchnorm`; the
+user's model untouched) and, before the file appears under its name, run what was written
+(onnxruntime on the CPU; :func:`torch.export.load`) at two batch sizes (one for a fixed
+batch) against the eager model as given: the largest error relative to the output's largest
 magnitude must be at most :data:`TOLERANCE`, else nothing is left behind (dynify._io).
 
 The eager dynamic layers fold the batch into a grouped convolution (``groups = B *
@@ -45,6 +46,8 @@ from dynify._io import atomic_path, ensure_writable
 from dynify._limits import Limit
 from dynify._modes import evaluating
 from dynify.errors import DynifyError, DynifyTypeError, quoted, shorten
+from dynify.fuse import FusedPair
+from dynify.fuse import fuse_batchnorm as fuse_batchnorm_
 from dynify.layers import portable
 from dynify.logging import get_logger
 from dynify.plan import find_plan
@@ -104,7 +107,8 @@ class ExportReport:
 
     ``errors``: ``(batch size, relative max error)`` per check run (empty when
     ``check=False``); ``opset``: the ONNX opset written (``None`` for a torch.export
-    program)."""
+    program); ``fused``: the BatchNorms fused into the convs before them in the exported
+    copy (:func:`dynify.fuse_batchnorm`)."""
 
     path: Path
     format: str
@@ -112,6 +116,7 @@ class ExportReport:
     input_size: tuple[int, int, int]
     opset: int | None
     errors: tuple[tuple[int, float], ...]
+    fused: tuple[FusedPair, ...] = ()
 
     @property
     def max_error(self) -> float | None:
@@ -126,6 +131,7 @@ def export_onnx(
     input_size: Any = None,
     opset: int | None = None,
     check: bool = True,
+    fuse_batchnorm: bool = True,
     optimize: bool = True,
 ) -> ExportReport:
     """Write ``model`` as one ONNX file, checked with onnxruntime against the eager model.
@@ -140,6 +146,9 @@ def export_onnx(
             was traced at, else the model's own (timm's ``pretrained_cfg``).
         opset: the ONNX opset to write (default: the exporter's).
         check: run the written graph against the eager model (``False``: export only).
+        fuse_batchnorm: fuse each eval-mode BatchNorm into the conv before it
+            (:func:`dynify.fuse_batchnorm`, exact) in the exported copy; the check still
+            compares with the model as given.
         optimize: run onnxscript's graph optimizer (constant folding, rewrites) on the
             graph; ``False`` exports quicker (the optimizer took about 40% of the export
             of a converted test_resnet), and onnxruntime still optimizes the graph it loads.
@@ -158,7 +167,7 @@ def export_onnx(
             f"the model's weights take {parameter_bytes / 2**30:.1f} GiB, more than one ONNX "
             f"file holds (2 GiB); export it with format 'torch-export' instead"
         )
-    exportable = _cpu_copy(model)
+    exportable, fused = _exportable(model, size, fuse=fuse_batchnorm)
     example = _inputs(size, batch if isinstance(batch, int) else _DYNAMIC_TRACE_BATCH)
     with _exporter_quiet(), portable(exportable):
         program = _torch_export(exportable, example, batch, what="ONNX")
@@ -171,7 +180,7 @@ def export_onnx(
             run = _onnxruntime_runner(tmp, batch)
             errors = _compare(model, run, size, batch, what="the ONNX graph (onnxruntime)")
     logger.debug("wrote %s (%s)", target, _error_text(errors))
-    return ExportReport(target, "onnx", batch, size, opset_written, errors)
+    return ExportReport(target, "onnx", batch, size, opset_written, errors, fused)
 
 
 def export_program(
@@ -181,13 +190,14 @@ def export_program(
     batch: Batch = DYNAMIC,
     input_size: Any = None,
     check: bool = True,
+    fuse_batchnorm: bool = True,
 ) -> ExportReport:
     """Write ``model`` as a ``torch.export`` program (:func:`torch.export.save`, ``.pt2``),
     checked by loading it back (:func:`torch.export.load`) and running it against the eager
     model. Arguments as :func:`export_onnx` (the batch: a ``Dim`` when ``"dynamic"``)."""
     batch, size = _check_arguments(model, path, batch=batch, input_size=input_size)
     target = Path(path)
-    exportable = _cpu_copy(model)
+    exportable, fused = _exportable(model, size, fuse=fuse_batchnorm)
     example = _inputs(size, batch if isinstance(batch, int) else _DYNAMIC_TRACE_BATCH)
     with _exporter_quiet():
         program = _torch_export(exportable, example, batch, what="torch.export")
@@ -203,7 +213,7 @@ def export_program(
                 model, lambda x: loaded(x), size, batch, what="the loaded torch.export program"
             )
     logger.debug("wrote %s (%s)", target, _error_text(errors))
-    return ExportReport(target, "torch-export", batch, size, None, errors)
+    return ExportReport(target, "torch-export", batch, size, None, errors, fused)
 
 
 # -- arguments ------------------------------------------------------------------------------
@@ -277,6 +287,16 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
             f"cannot copy the model for export ({type(err).__name__}: {shorten(str(err), 120)})"
         ) from err
     return copied.to(device="cpu", dtype=torch.float32).eval()
+
+
+def _exportable(
+    model: nn.Module, size: tuple[int, int, int], *, fuse: bool
+) -> tuple[nn.Module, tuple[FusedPair, ...]]:
+    """The copy that is exported, its BatchNorms fused (``fuse``), and the pairs fused."""
+    exportable = _cpu_copy(model)
+    if not fuse:
+        return exportable, ()
+    return exportable, tuple(fuse_batchnorm_(exportable, input_size=size))
 
 
 def _inputs(size: tuple[int, int, int], batch: int, *, seed: int = 0) -> torch.Tensor:

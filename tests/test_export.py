@@ -84,6 +84,9 @@ def test_torch_export_round_trip_with_a_dynamic_batch(tmp_path: Path) -> None:
     assert report.input_size == tuple(dynify.plan_of(model).input_size) == SIZE
     assert [b for b, _ in report.errors] == [1, 3]
     assert report.max_error is not None and report.max_error <= export.TOLERANCE
+    # Every BatchNorm of test_resnet follows a conv: all fused in the exported copy.
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert sorted(p.norm for p in report.fused) == sorted(norms)
     # The user's model is untouched: its mode and weights.
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -96,8 +99,11 @@ def test_torch_export_round_trip_with_a_dynamic_batch(tmp_path: Path) -> None:
 
 def test_onnx_fixed_batch_of_a_static_model(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
-    report = export.export_onnx(model, tmp_path / "s.onnx", batch=2, input_size="3,8,8", opset=18)
-    assert (report.batch, report.input_size, report.opset) == (2, (3, 8, 8), 18)
+    path = tmp_path / "s.onnx"
+    report = export.export_onnx(
+        model, path, batch=2, input_size="3,8,8", opset=18, fuse_batchnorm=False
+    )
+    assert (report.batch, report.input_size, report.opset, report.fused) == (2, (3, 8, 8), 18, ())
     assert [b for b, _ in report.errors] == [2]
     session = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [2, 3, 8, 8]
@@ -197,7 +203,8 @@ def test_cli_exports_onnx_with_a_dynamic_batch(
     stdout, err = capsys.readouterr()
     assert code == 0, err
     assert err == "", err  # the exporters' own chatter stays off stderr
-    assert "onnx, opset " in stdout and "batch dynamic, input 3x32x32" in stdout
+    assert "onnx, opset " in stdout and "batch dynamic, input 3x32x32, " in stdout
+    assert "BatchNorm(s) fused into the convs before them" in stdout
     assert "check (onnxruntime against the eager model): max relative error batch 1 " in stdout
     assert f"wrote {out}" in stdout
     assert _only_file(tmp_path) == ["tiny.onnx"]

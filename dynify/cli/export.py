@@ -40,6 +40,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the check")
     p.add_argument(
+        "--no-fuse-batchnorm",
+        dest="fuse_batchnorm",
+        action="store_false",
+        help="export the BatchNorms as they are (default: fused into the convs before them)",
+    )
+    p.add_argument(
         "--no-optimize",
         dest="optimize",
         action="store_false",
@@ -69,7 +75,12 @@ def run(args: argparse.Namespace) -> int:
     info = read_info(args.artifact)
     model = dynify.load(args.artifact)
     print(f"{args.artifact}: {info['model_name']} {info['model_kwargs']}")
-    common = {"batch": batch, "input_size": input_size, "check": args.check}
+    common = {
+        "batch": batch,
+        "input_size": input_size,
+        "check": args.check,
+        "fuse_batchnorm": args.fuse_batchnorm,
+    }
     if args.format == "onnx":
         report = export.export_onnx(
             model, output, opset=args.opset, optimize=args.optimize, **common
@@ -78,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
         report = export.export_program(model, output, **common)
     size = "x".join(map(str, report.input_size))
     opset = f", opset {report.opset}" if report.opset is not None else ""
-    print(f"{report.format}{opset}: batch {report.batch}, input {size}")
+    print(
+        f"{report.format}{opset}: batch {report.batch}, input {size}, "
+        f"{len(report.fused)} BatchNorm(s) fused into the convs before them"
+    )
     if report.errors:
         checked = ", ".join(f"batch {b} {e:.1e}" for b, e in report.errors)
         runner = "onnxruntime" if report.format == "onnx" else "torch.export.load"
