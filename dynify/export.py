@@ -439,6 +439,8 @@ def _module_of_failed_node(
     if not stack:
         return None
     name = list(stack.values())[-1][0]
+    if not name:  # the model's own forward: no module narrower than the model
+        return None
     try:
         return name, model.get_submodule(name), err
     except AttributeError:
