@@ -8,6 +8,7 @@ many timm families (and every kind) are ``slow``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -148,6 +149,23 @@ def test_a_module_that_cannot_be_exported_is_named(tmp_path: Path) -> None:
     assert message.startswith("cannot export module 'layer2.0.conv1' (_Moody) to torch.export: ")
     assert "branches on a tensor's values" in message and "\n" not in message
     assert err.value.__cause__ is not None
+    assert _only_file(tmp_path) == []
+
+
+def test_an_onnx_translation_failure_names_the_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the portable formulation, a dynamic layer's grouped conv has a group count
+    that depends on the batch, which ONNX cannot take: the node the translator failed on
+    names the layer."""
+    monkeypatch.setattr(export, "portable", lambda model: contextlib.nullcontext())
+    model = _tiny_converted("mobile")
+    first = dynify.plan_of(model).converted[0].name
+    with pytest.raises(dynify.DynifyError) as err:
+        export.export_onnx(model, tmp_path / "m.onnx", optimize=False)
+    message = str(err.value)
+    assert message.startswith(f"cannot export module '{first}' (DynamicConv2d) to ONNX: ")
+    assert "Unsupported attribute type" in message and "\n" not in message
     assert _only_file(tmp_path) == []
 
 
