@@ -171,6 +171,7 @@ def test_lower_layers_never_import_higher_ones() -> None:
         {"dynify.routing"},
         {"dynify.artifact"},
         {"dynify.train"},
+        {"dynify.fold"},
         {"dynify.search"},
         {"dynify.cli"},
     ]
