@@ -199,6 +199,21 @@ def test_a_model_without_dynamic_layers_is_refused() -> None:
         fold(model, _images(4))
 
 
+def test_the_command_line_defaults_are_the_librarys() -> None:
+    """--help needs no torch, so the flags' defaults are written in the parser too."""
+    import argparse
+
+    from dynify import fold as library
+    from dynify.cli import fold as command
+
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["fold", "a", "--data", "d", "--output", "o"])
+    assert args.max_effect == library.DEFAULT_MAX_EFFECT
+    assert args.min_usage == library.DEFAULT_MIN_USAGE
+    assert args.images == library.DEFAULT_IMAGES
+
+
 # -- the command ----------------------------------------------------------------------------
 
 
