@@ -229,7 +229,7 @@ def fold(
     MIN_USAGE.check("min_usage", min_usage)
     COUNT.check("max_images", max_images)
     plan = plan_of(model)
-    net = model if inplace else copy.deepcopy(unwrap_model(model))
+    net = unwrap_model(model) if inplace else copy.deepcopy(unwrap_model(model))
     layers = dynamic_layers(net)
     if not layers:
         raise DynifyError("the model has no dynamic layers: nothing to fold")

@@ -172,7 +172,7 @@ def test_lower_layers_never_import_higher_ones() -> None:
         {"dynify.artifact"},
         {"dynify.export"},
         {"dynify.train"},
-        {"dynify.fold"},  # measures routing on data (dynify.train.data, .evaluation)
+        {"dynify.fold"},
         {"dynify.search"},
         {"dynify.cli"},
     ]

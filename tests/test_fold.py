@@ -174,7 +174,7 @@ def test_the_folded_artifact_reloads_with_its_plan_and_cost(tmp_path: Path) -> N
     loaded = dynify.load(path).eval()
     with torch.no_grad():
         assert torch.allclose(loaded(x), folded(x), rtol=0, atol=1e-6)
-    assert plan_of(loaded) == plan_of(folded)
+    assert plan_of(loaded).to_dict() == plan_of(folded).to_dict()
     assert dynify.cost.count(loaded).macs == report.macs_after
     assert [n for n, _ in dynamic_layers(loaded)] == [n for n, _ in dynamic_layers(folded)]
 
@@ -197,6 +197,21 @@ def test_a_model_without_dynamic_layers_is_refused() -> None:
     model = _model(recipe={"defaults": {"convert": False}})
     with pytest.raises(DynifyError, match="no dynamic layers: nothing to fold"):
         fold(model, _images(4))
+
+
+def test_the_command_line_defaults_are_the_librarys() -> None:
+    """--help needs no torch, so the flags' defaults are written in the parser too."""
+    import argparse
+
+    from dynify import fold as library
+    from dynify.cli import fold as command
+
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["fold", "a", "--data", "d", "--output", "o"])
+    assert args.max_effect == library.DEFAULT_MAX_EFFECT
+    assert args.min_usage == library.DEFAULT_MIN_USAGE
+    assert args.images == library.DEFAULT_IMAGES
 
 
 # -- the command ----------------------------------------------------------------------------
