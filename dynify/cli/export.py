@@ -89,10 +89,12 @@ def run(args: argparse.Namespace) -> int:
         report = export.export_program(model, output, **common)
     size = "x".join(map(str, report.input_size))
     opset = f", opset {report.opset}" if report.opset is not None else ""
-    print(
-        f"{report.format}{opset}: batch {report.batch}, input {size}, "
+    norms = (
         f"{len(report.fused)} BatchNorm(s) fused into the convs before them"
+        if args.fuse_batchnorm
+        else "BatchNorms kept"
     )
+    print(f"{report.format}{opset}: batch {report.batch}, input {size}, {norms}")
     if report.errors:
         checked = ", ".join(f"batch {b} {e:.1e}" for b, e in report.errors)
         runner = "onnxruntime" if report.format == "onnx" else "torch.export.load"
