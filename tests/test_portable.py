@@ -227,7 +227,7 @@ def test_average_kernel_is_the_mean_of_the_sample_kernels(name: str, layer: nn.M
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize(
-    ("name", "index"), [(n, i) for i, (n, _) in enumerate(LAYERS)][::2], ids=IDS[::2]
+    ("name", "index"), [(n, i) for i, (n, _) in enumerate(LAYERS)], ids=IDS
 )
 def test_fuse_affine_is_the_layer_then_the_affine_map(name: str, index: int, bias: bool) -> None:
     layer = _random_(_every_layer(bias)[index][1])

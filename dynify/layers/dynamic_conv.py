@@ -26,7 +26,7 @@ from dynify.layers.attention import (
     _reset_linear,
 )
 from dynify.layers.base import DynamicLayer
-from dynify.layers.portable import per_sample_conv2d
+from dynify.layers.portable import expert_conv2d, per_sample_conv2d
 
 __all__ = [
     "DEFAULT_ROUTING_STD",
@@ -322,7 +322,8 @@ class DynamicConv2d(DynamicLayer):
     # -- shipping ---------------------------------------------------------------------
 
     def sample_kernels(self, routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kernels = torch.einsum("bk,k...->b...", routing, self.weight)
+        # A matrix product, not an einsum: onnxruntime's Einsum is slow at batch 1.
+        kernels = (routing @ self.weight.flatten(1)).unflatten(1, self.weight.shape[1:])
         bias = None if self.bias is None else routing @ self.bias
         if self.static_bias is not None:
             fixed = self.static_bias.expand(routing.shape[0], -1)
@@ -330,6 +331,12 @@ class DynamicConv2d(DynamicLayer):
         return kernels, bias
 
     def forward_portable(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        if self.out_channels == self.groups:  # depthwise: the experts as one conv, mixed
+            out = expert_conv2d(
+                self._pad(x), routing, self.weight, self.bias, self.stride,
+                self._conv_padding(), self.dilation, self.groups,
+            )  # fmt: skip
+            return out if self.static_bias is None else out + self.static_bias[:, None, None]
         kernels, bias = self.sample_kernels(routing)
         return per_sample_conv2d(
             self._pad(x), kernels, bias, self.stride, self._conv_padding(), self.dilation,

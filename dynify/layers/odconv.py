@@ -727,7 +727,7 @@ class ODConv2d(DynamicLayer):
         if kernel is None:
             kernels = self.weight[0].unsqueeze(0).expand(b, *self.weight.shape[1:])
         else:
-            kernels = torch.einsum("bk,k...->b...", kernel, self.weight)
+            kernels = (kernel @ self.weight.flatten(1)).unflatten(1, self.weight.shape[1:])
         c_out, c_in_g, kh, kw = self.weight.shape[1:]
         # Output channel o (group o // (C_out / g)) reads input channels of its own group.
         per_input = channel.reshape(b, g, 1, c_in_g).expand(b, g, c_out // g, c_in_g)
