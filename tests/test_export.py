@@ -340,10 +340,23 @@ FAMILIES = [
 ]
 
 
+# torch.export programs keep the layers' eager formulation, which test_kinds exports for
+# every kind already: one family per kind here, and the heaviest graph.
+PROGRAM_FAMILIES = {"resnet18-odconv", "mobilenetv2_050-dcd", "efficientnet_b0-condconv",
+                    "regnetx_002-dycnn", "densenet121-dycnn"}  # fmt: skip
+ROUND_TRIPS = [
+    (name, recipe, side, fmt)
+    for name, recipe, side in FAMILIES
+    for fmt in ("onnx", "torch-export")
+    if fmt == "onnx" or f"{name}-{recipe or 'dycnn'}" in PROGRAM_FAMILIES
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
 @pytest.mark.parametrize(
-    ("name", "recipe", "side"), FAMILIES, ids=[f"{n}-{r or 'dycnn'}" for n, r, _ in FAMILIES]
+    ("name", "recipe", "side", "fmt"),
+    ROUND_TRIPS,
+    ids=[f"{n}-{r or 'dycnn'}-{f}" for n, r, _, f in ROUND_TRIPS],
 )
 def test_family_round_trip(
     tmp_path: Path, name: str, recipe: str | None, side: int, fmt: str
@@ -351,11 +364,18 @@ def test_family_round_trip(
     kwargs = TINY if name == "test_resnet" else {}
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
     size = (3, side, side)
-    converted = dynify.apply(model, recipe, input_size=size).eval()
+    # The last stage's convs only: every conv type of the family is there, and the graph of
+    # a fully converted densenet121 took 6.5 minutes to export (31 s like this).
+    last_stage = {
+        "defaults": {"convert": False, "kind": recipe or "dycnn"},
+        "rules": [{"select": {"stage": [-1]}, "convert": True}],
+    }
+    converted = dynify.apply(model, last_stage, input_size=size).eval()
     assert dynify.plan_of(converted).converted
     out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt2")
     if fmt == "onnx":
-        report = export.export_onnx(converted, out)
+        # onnxscript's optimiser is 40% of an export and changes nothing the check sees.
+        report = export.export_onnx(converted, out, optimize=False)
     else:
         report = export.export_program(converted, out)
     assert report.max_error is not None and report.max_error <= export.TOLERANCE
