@@ -244,7 +244,7 @@ def parse_batch(value: Any) -> Batch:
     """``"dynamic"``, or a fixed batch size (an int, or its digits as text, ``"8"``)."""
     if isinstance(value, str) and value == DYNAMIC:
         return DYNAMIC
-    batch = int(value) if isinstance(value, str) and value.isdigit() else value
+    batch = int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else value
     if not BATCH.accepts(batch):
         raise DynifyError(
             f"batch must be {DYNAMIC!r} or {BATCH}, got {quoted(value)}", arguments=("batch",)

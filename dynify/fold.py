@@ -15,9 +15,11 @@ learn almost no routing, and some experts almost never get weight. On a set of i
    mean kernel, which differs from the frozen one's: the report's measured whole-model
    effect is the folding's);
 3. drops from the other layers the experts whose mean weight (``usage``) is below
-   ``min_usage``, renormalising what remains exactly (``DynamicLayer.drop_experts_``: the
-   softmax over the experts kept); a DY-CNN layer left with one expert is a static conv
-   exactly and is folded;
+   ``min_usage`` (``DynamicLayer.drop_experts_``): under softmax (DY-CNN, ODConv's kernel
+   attention) what remains is renormalised exactly, the softmax over the experts kept;
+   under sigmoid (CondConv) each weight is its own and the dropped share is simply gone,
+   which the measured output change then includes; a DY-CNN layer left with one expert is
+   a static conv exactly and is folded;
 4. fuses every eval-mode BatchNorm that follows a conv into it (``dynify.fuse``), so that
    an exported model has no separate BatchNorm;
 
@@ -218,7 +220,8 @@ def fold(
             (a fraction: 0.005 is 0.5%); 0 folds nothing.
         min_usage: drop an expert whose mean weight is below this share (0 drops none).
         max_images: use at most this many images. Measuring costs one pass over them
-            per dynamic layer, and two more.
+            per dynamic layer and about six more (the routing report's, the routings, the
+            reference and the folded model's logits, the BatchNorm pairs' trace).
         fuse: also fuse every BatchNorm that follows a conv (``dynify.fuse_batchnorm``).
         inplace: change ``model`` itself instead of a copy.
 
@@ -248,9 +251,10 @@ def fold(
             if lr is None:  # never ran on these images: nothing to say about it
                 decisions[name] = ("kept", (), "did not run on these images")
                 continue
-            decisions[name] = _decide(
-                layer, lr.logit_effect or 0.0, lr.usage, max_effect, min_usage
-            )
+            if lr.logit_effect is None:  # never folded without its effect measured
+                decisions[name] = ("kept", (), "routing effect not measured")
+                continue
+            decisions[name] = _decide(layer, lr.logit_effect, lr.usage, max_effect, min_usage)
         new_layers = _apply_decisions(net, plan, layers, routing, decisions)
         fused = fuse_batchnorm(net) if fuse else []
         after = [output_logits(net(x)).double() for x in batches]
@@ -337,6 +341,9 @@ def fold_artifact(
     """
     MAX_EFFECT.check("max_effect", max_effect)
     MIN_USAGE.check("min_usage", min_usage)
+    COUNT.but(optional=True).check("val_images", val_images)
+    NON_NEGATIVE.but(integer=True).check("workers", workers)
+    Limit(low=0, high=1, low_open=True, high_open=True).check("holdout", holdout)
     for name, value in (
         ("images", images),
         ("batch_size", batch_size),

@@ -513,6 +513,8 @@ def fuse_batchnorm(
     checked = [_checked_pair(model, pair, f"pairs[{i}]") for i, pair in enumerate(pairs)]
     if len({id(norm) for _, norm in checked}) != len(checked):
         raise DynifyError("pairs: a norm is named twice; each norm is fused once")
+    if len({id(conv) for conv, _ in checked}) != len(checked):
+        raise DynifyError("pairs: a conv is named twice; each conv is fused with one norm")
     aliases = _module_names(model)
     fused: list[FusedPair] = []
     for (conv_name, norm_name), (conv, norm) in zip(pairs, checked, strict=True):

@@ -383,3 +383,10 @@ def test_family_round_trip(
     for b in (2, 4):
         x = torch.randn(b, *size)
         assert _relative_error(outputs(out, x), _eager(converted, x)) < 1e-4
+
+
+def test_the_command_lines_formats_are_the_librarys() -> None:
+    """--help needs no torch, so the parser keeps its own copy of the formats."""
+    from dynify.cli import export as command
+
+    assert command.FORMATS == export.FORMATS

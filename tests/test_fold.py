@@ -253,6 +253,8 @@ def test_fold_command_writes_a_smaller_artifact(
         (["--min-usage", "2"], "--min-usage must be a finite number in [0, 1)"),
         (["--images", "0"], "--images must be a positive integer"),
         (["--img-size", "0"], "--img-size must be a positive integer"),
+        (["--val-images", "0"], "--val-images must be a positive integer"),
+        (["--workers", "-1"], "--workers must be an integer >= 0"),
     ],
 )
 def test_fold_command_refuses_bad_numbers_in_one_line(

@@ -632,3 +632,9 @@ def test_the_public_names() -> None:
     assert dynify.fuse_batchnorm is fuse_batchnorm and dynify.ModelEdits is ModelEdits
     assert dynify.conv_norm_pairs is conv_norm_pairs and dynify.apply_edits is apply_edits
     assert {"fuse_batchnorm", "conv_norm_pairs", "apply_edits", "ModelEdits"} <= set(dynify.__all__)
+
+
+def test_a_conv_named_in_two_pairs_is_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(DynifyError, match="a conv is named twice"):
+        fuse_batchnorm(model, [("0", "1"), ("0", "2")])

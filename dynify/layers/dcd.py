@@ -54,8 +54,8 @@ from dynify.errors import DynifyError, DynifyTypeError
 from dynify.layers.attention import MIN_HIDDEN, _drawable, _reset_linear
 from dynify.layers.base import DynamicLayer
 from dynify.layers.dynamic_conv import (
-    _affine,
     _check_positive,
+    _checked_affine,
     checked_kernel,
     conv_arguments,
     conv_geometry_repr,
@@ -429,7 +429,7 @@ class DCDConv2d(DynamicLayer):
     def fuse_affine_(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         """``W0 <- scale * W0``, ``P <- scale * P`` (row-wise) and ``b <- scale * b + shift``:
         exact, since both terms of the kernel are linear in their output rows."""
-        scale, shift = _affine(self, scale, shift)
+        scale, shift = _checked_affine(self, scale, shift)
         self.weight.mul_(scale.view(-1, 1, 1, 1))
         self.p.mul_(scale.view(-1, 1, 1, 1))
         if self.bias is None:

@@ -26,7 +26,7 @@ from dynify.layers.attention import (
     _reset_linear,
 )
 from dynify.layers.base import DynamicLayer
-from dynify.layers.portable import expert_conv2d, per_sample_conv2d
+from dynify.layers.portable import per_sample_conv2d
 
 __all__ = [
     "DEFAULT_ROUTING_STD",
@@ -331,12 +331,6 @@ class DynamicConv2d(DynamicLayer):
         return kernels, bias
 
     def forward_portable(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
-        if self.out_channels == self.groups:  # depthwise: the experts as one conv, mixed
-            out = expert_conv2d(
-                self._pad(x), routing, self.weight, self.bias, self.stride,
-                self._conv_padding(), self.dilation, self.groups,
-            )  # fmt: skip
-            return out if self.static_bias is None else out + self.static_bias[:, None, None]
         kernels, bias = self.sample_kernels(routing)
         return per_sample_conv2d(
             self._pad(x), kernels, bias, self.stride, self._conv_padding(), self.dilation,
@@ -350,7 +344,7 @@ class DynamicConv2d(DynamicLayer):
         whose weights sum to 1 for every input, so ``sum_k pi_k (b_k + shift) = b(x) +
         shift``; sigmoid weights do not sum to a constant, so there the shift is a bias of
         its own (``static_bias``), added after the mixture."""
-        scale, shift = _affine(self, scale, shift)
+        scale, shift = _checked_affine(self, scale, shift)
         self.weight.mul_(scale.view(1, -1, 1, 1, 1))
         if self.attention.kind == "softmax":
             if self.bias is None:
@@ -537,7 +531,7 @@ def _check_positive(name: str, value: int) -> None:
         raise DynifyError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _affine(
+def _checked_affine(
     layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``scale`` and ``shift`` checked to be ``(C_out,)``, on the layer's device and dtype."""

@@ -68,8 +68,8 @@ from dynify.layers.base import DynamicLayer
 from dynify.layers.dynamic_conv import (
     DEFAULT_ROUTING_STD,
     DynamicConv2d,
-    _affine,
     _check_positive,
+    _checked_affine,
     _keep_layout,
     _kept,
     checked_kernel,
@@ -750,7 +750,7 @@ class ODConv2d(DynamicLayer):
     def fuse_affine_(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         """``W_k <- scale * W_k`` and ``b <- scale * b + shift``: exact under any attention,
         since every attention multiplies the kernel and the bias is added after them."""
-        scale, shift = _affine(self, scale, shift)
+        scale, shift = _checked_affine(self, scale, shift)
         self.weight.mul_(scale.view(1, -1, 1, 1, 1))
         if self.bias is None:
             self.bias = nn.Parameter(torch.zeros_like(shift))

@@ -10,11 +10,10 @@ strided slicing (:func:`per_sample_conv2d`), so an exported graph has a symbolic
 
 It costs the convolution's MACs once (not K times, as K expert convolutions mixed afterwards
 would) plus the unfolded input, ``kh * kw`` times the input's size; it is what
-``dynify export`` traces, never the eager path. For depthwise mixtures of experts, whose
-per-sample product is a multiply and a sum per tap, :func:`expert_conv2d` runs the K experts
-as one ordinary grouped convolution and mixes the outputs instead: K times the MACs of a
-cheap conv, measured 2 to 2.5x faster under onnxruntime than the unfolded product there and
-slower for every dense conv (bench/README.md, "Export").
+``dynify export`` traces, never the eager path. The alternative that keeps onnxruntime's
+Conv kernels, the K experts as one grouped conv with the outputs mixed afterwards, was
+measured slower for every dense conv and level for depthwise ones (``bench/portable.py``,
+bench/README.md "Export"), so this one formulation serves every layer.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from torch import nn
 
 from dynify.layers.base import DynamicLayer
 
-__all__ = ["expert_conv2d", "per_sample_conv2d", "portable"]
+__all__ = ["per_sample_conv2d", "portable"]
 
 
 def per_sample_conv2d(
@@ -79,39 +78,6 @@ def per_sample_conv2d(
     out = out.reshape(-1, c_out, out_h, out_w)
     if bias is not None:
         out = out + bias[:, :, None, None]
-    return out
-
-
-def expert_conv2d(
-    x: torch.Tensor,
-    routing: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
-) -> torch.Tensor:
-    """``sum_k routing[:, k] * conv2d(x, weight[k]) + routing @ bias``: a mixture of experts
-    as one convolution with every expert's filters (K times the output channels), then the
-    outputs mixed per sample; exact, since a convolution is linear in its kernel.
-
-    Args:
-        x: ``(B, C_in, H, W)``, already padded for non-zero padding modes.
-        routing: ``(B, K)``; weight: ``(K, C_out, C_in // groups, kh, kw)``; bias:
-            ``(K, C_out)`` or ``None``; the rest as for ``F.conv2d``.
-    """
-    k, c_out, c_in_g, kh, kw = weight.shape
-    per_group = c_out // groups
-    # Group g's filters, every expert's, side by side: the conv keeps groups = groups.
-    filters = weight.reshape(k, groups, per_group, c_in_g, kh, kw).transpose(0, 1)
-    out = F.conv2d(x, filters.reshape(groups * k * per_group, c_in_g, kh, kw), None, stride,
-                   padding, dilation, groups)  # fmt: skip
-    h, w = out.shape[2], out.shape[3]
-    out = out.reshape(-1, groups, k, per_group, h, w) * routing.reshape(-1, 1, k, 1, 1, 1)
-    out = out.sum(dim=2).reshape(-1, c_out, h, w)
-    if bias is not None:
-        out = out + (routing @ bias)[:, :, None, None]
     return out
 
 
