@@ -35,8 +35,10 @@ __all__ = [
     "check_memory",
     "conversion_kind",
     "make_plan",
+    "module_names",
     "plan_of",
     "relative_error",
+    "set_module",
 ]
 
 # Largest relative max error (max |y - y0| / max |y0|) a conversion may introduce, the
@@ -105,14 +107,17 @@ def model_name_of(model: nn.Module) -> str | None:
     return None
 
 
-def _module_names(model: nn.Module) -> dict[int, list[str]]:
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each module of ``model`` is registered under (tied modules have several),
+    by ``id``: what replacing a module everywhere it appears needs."""
     names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
     return names
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Register ``new`` under the dotted ``name`` of ``model`` (its parent's attribute)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -128,7 +133,7 @@ def _swap(
 ) -> list[Swap]:
     """Replace each planned conv (:func:`_planned_modules`) by its dynamic layer; return what
     was swapped where."""
-    aliases = _module_names(model)
+    aliases = module_names(model)
     swaps: list[Swap] = []
     swapped: set[int] = set()
     for layer, module in planned:
@@ -139,7 +144,7 @@ def _swap(
         # A module registered under several names (tied weights) is swapped everywhere.
         names = aliases.get(id(module), [layer.name])
         for name in names:
-            _set_module(model, name, new)
+            set_module(model, name, new)
         swaps.append((names, module, new))
     return swaps
 
@@ -148,7 +153,7 @@ def _put_back(model: nn.Module, swaps: list[Swap], *, original: bool) -> None:
     """Put the original convs (or, again, their dynamic layers) in place."""
     for names, old, new in swaps:
         for name in names:
-            _set_module(model, name, old if original else new)
+            set_module(model, name, old if original else new)
 
 
 def _planned_modules(model: nn.Module, plan: Plan) -> list[tuple[LayerPlan, nn.Module]]:

@@ -52,6 +52,7 @@ from dynify._io import ensure_writable
 from dynify._limits import COUNT, NON_NEGATIVE, Limit
 from dynify._modes import evaluating
 from dynify._table import format_table
+from dynify.convert import module_names, set_module
 from dynify.cost import compare_latency, count, format_count
 from dynify.errors import DynifyError
 from dynify.fuse import StaticConv, fuse_batchnorm, record_edits, static_conv_like
@@ -444,9 +445,7 @@ def _apply_decisions(
     decisions: dict[str, tuple[Action, tuple[int, ...], str]],
 ) -> list[LayerPlan]:
     """Carry out the decisions on ``net`` and return the plan's layers, changed to match."""
-    aliases: dict[int, list[str]] = {}
-    for name, module in net.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(module), []).append(name)
+    aliases = module_names(net)
     changed: dict[str, LayerPlan] = {}
     statics = []
     for name, layer in layers:
@@ -471,7 +470,7 @@ def _apply_decisions(
             if bias is not None:
                 conv.bias.copy_(bias)
             for alias in aliases.get(id(layer), [name]):
-                _set_module(net, alias, conv)
+                set_module(net, alias, conv)
             statics.append(StaticConv(name, bias is not None))
             if lp is not None:
                 settings = replace(lp.settings, convert=False)
@@ -523,12 +522,6 @@ def _change_of(after: list[torch.Tensor], reference: list[torch.Tensor]) -> tupl
 
 def _parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _change(before: float, after: float) -> str:

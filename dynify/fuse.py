@@ -48,6 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dynify._modes import evaluating
 from dynify._yaml import Doc
+from dynify.convert import module_names, set_module
 from dynify.errors import DynifyError, DynifyTypeError, quoted, shorten
 from dynify.layers.base import DynamicLayer
 from dynify.layers.conv_variants import conversion_kind
@@ -428,21 +429,12 @@ def _remainder(norm: nn.Module) -> nn.Module:
     return rest
 
 
-def _module_names(model: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return names
-
-
 def _replace(
     model: nn.Module, old: nn.Module, new: nn.Module, aliases: dict[int, list[str]]
 ) -> None:
     """Put ``new`` wherever ``old`` is registered (a module tied under several names)."""
     for name in aliases.get(id(old), []):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        set_module(model, name, new)
     aliases[id(new)] = aliases.pop(id(old), [])
 
 
@@ -515,7 +507,7 @@ def fuse_batchnorm(
         raise DynifyError("pairs: a norm is named twice; each norm is fused once")
     if len({id(conv) for conv, _ in checked}) != len(checked):
         raise DynifyError("pairs: a conv is named twice; each conv is fused with one norm")
-    aliases = _module_names(model)
+    aliases = module_names(model)
     fused: list[FusedPair] = []
     for (conv_name, norm_name), (conv, norm) in zip(pairs, checked, strict=True):
         weight = _first_tensor(conv)
@@ -749,7 +741,7 @@ def apply_edits(model: nn.Module, edits: ModelEdits) -> nn.Module:
     if not isinstance(edits, ModelEdits):
         raise DynifyTypeError(f"edits must be a ModelEdits, got {type(edits).__name__}")
     target = unwrap_model(model)
-    aliases = _module_names(target)
+    aliases = module_names(target)
     for i, entry in enumerate(edits.static):
         path = f"edits.static[{i}].name"
         module = _lookup(target, entry.name, path)
